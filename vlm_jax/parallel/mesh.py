@@ -1,0 +1,86 @@
+"""Device mesh from config, and multi-process start-up.
+
+Axes are always ('data', 'fsdp', 'model'): `data` is pure data parallelism, `fsdp` is data parallelism with
+parameters sharded over it, `model` is tensor parallelism. Sizes come from config; one size may be -1 and takes
+the remaining devices. Axis types are `AxisType.Auto` (GSPMD propagation guided by logical constraints); this is
+the one place that choice is made.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Mapping
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from vlm_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "model")
+BATCH_AXES = ("data", "fsdp")  # the global batch is split over both data-parallel axes
+
+
+def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+  """Resolves config sizes (one may be -1) to a full shape over `num_devices`."""
+  unknown = set(sizes) - set(MESH_AXES)
+  if unknown:
+    raise UserError(f"unknown mesh axes {sorted(unknown)}; use {list(MESH_AXES)}")
+  shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
+  if sum(s == -1 for s in shape) > 1:
+    raise UserError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, shape))}")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if known <= 0 or num_devices % known:
+      raise UserError(f"mesh {dict(zip(MESH_AXES, shape))} does not divide {num_devices} devices")
+    shape[shape.index(-1)] = num_devices // known
+  if math.prod(shape) != num_devices:
+    raise UserError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
+                    f"{num_devices} are available")
+  return tuple(shape)
+
+
+def make_mesh(sizes: Mapping[str, int] | None = None, devices=None) -> Mesh:
+  """Builds the ('data', 'fsdp', 'model') mesh; default: every device on `data`."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(dict(sizes or {"data": -1}), len(devices))
+  try:
+    from jax.experimental import mesh_utils  # topology-aware order on TPU/GPU
+    dev_array = mesh_utils.create_device_mesh(shape, devices=devices)
+  except Exception:  # CPU / odd counts: plain order
+    dev_array = np.asarray(devices).reshape(shape)
+  return Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Sharding of an array whose leading axis is the global batch."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def maybe_initialize_distributed() -> None:
+  """Calls `jax.distributed.initialize()` when launched as several processes.
+
+  Detected from the usual launcher variables (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID,
+  set by `launch/*.sh`), or on Cloud TPU / SLURM where JAX auto-detects the cluster. On CPU, gloo collectives are
+  selected so multi-process CPU runs (and tests) work.
+  """
+  if jax.distributed.is_initialized():
+    return
+  coord = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  nproc = int(os.environ.get("JAX_NUM_PROCESSES", "1"))
+  if coord and nproc > 1:
+    if os.environ.get("JAX_PLATFORMS", "") in ("cpu",) or os.environ.get("VLM_JAX_CPU_COLLECTIVES"):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coord, num_processes=nproc,
+                               process_id=int(os.environ["JAX_PROCESS_ID"]))
+  elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize()

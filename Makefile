@@ -1,0 +1,45 @@
+# Two commands on a fresh machine (Python 3.11 + pip): `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP_BASE := $(VENV)/.installed-base
+STAMP_DEV := $(VENV)/.installed-dev
+STAMP_ALL := $(VENV)/.installed-all
+DEMO_DIR ?= workdirs/demo
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP_BASE): setup.py | $(PY)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(STAMP_DEV): setup.py | $(PY)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP_BASE) $@
+
+$(STAMP_ALL): setup.py | $(PY)
+	$(PY) -m pip install --quiet -e ".[dev,interop,gcs]"
+	touch $(STAMP_BASE) $(STAMP_DEV) $@
+
+## make demo: set up .venv and pre-train the default CLIP on the embedded synthetic dataset, then evaluate.
+demo: $(STAMP_BASE)
+	$(PY) -m vlm_jax.pretrain --config=configs/pretrain/clip.py:tiny --workdir=$(DEMO_DIR)
+
+## make test: set up .venv with the test extras and run the suite (8 simulated CPU devices).
+test: $(STAMP_DEV)
+	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+## make venv: create/update .venv with every extra (dev, interop, gcs).
+venv: $(STAMP_ALL)
+
+## make bench: run the benchmark scripts (JSON lines on stdout).
+bench: $(STAMP_DEV)
+	@for f in benchmarks/*.py; do echo "# $$f"; $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) workdirs

@@ -1,0 +1,43 @@
+"""vlm_jax package metadata. Versions are bounded so a fresh install months from now resolves the same majors."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "grain>=0.2.18,<0.3",
+    "ml_collections>=1.1,<2",
+    "absl-py>=2.1,<3",
+    "einops>=0.8,<0.9",
+    "numpy>=2.0,<3",
+    "Pillow>=11,<14",
+    "tensorboardX>=2.6,<3",
+    "tqdm>=4.66,<5",
+    "matplotlib>=3.9,<4",
+    "fsspec>=2024.6",
+]
+
+EXTRAS = {
+    "dev": ["pytest>=8,<10", "pytest-xdist>=3.6,<4"],
+    "interop": ["torch==2.14.1", "torchvision==0.29.1", "open-clip-torch>=3,<4", "transformers>=4.45,<6",
+                "safetensors>=0.4"],
+    "gcs": ["gcsfs>=2024.6"],
+    "wandb": ["wandb>=0.18,<1"],
+}
+
+setup(
+    name="vlm_jax",
+    version="0.1.0",
+    description="Vision-language model pre-training, transfer and distillation in JAX/Flax",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vlm_jax", "vlm_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": [
+            "vlm-pretrain=vlm_jax.pretrain:run",
+        ],
+    },
+)

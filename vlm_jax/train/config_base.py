@@ -1,0 +1,63 @@
+"""Shared config defaults and the `file.py:arg` parser used by every config file.
+
+Config files under `configs/` stay data: they call `base_config()` for the keys every entry point relies on and
+set values. `parse_arg('tiny')` / `parse_arg('img=B/16,txt=B,res=224', variant='tiny')` turns the text after
+the colon into a ConfigDict (the first bare word is the `variant`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from vlm_jax.errors import UserError
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'tiny' or 'variant=tiny,img=B/16,res=224' -> ConfigDict over `defaults` (values keep the default's type)."""
+  out = dict(defaults)
+  for i, part in enumerate(p for p in (arg or "").split(",") if p):
+    if "=" not in part:
+      if i == 0 and "variant" in out:
+        out["variant"] = part
+        continue
+      raise UserError(f"config argument {part!r} is not key=value")
+    key, value = part.split("=", 1)
+    if key not in out:
+      raise UserError(f"unknown config argument {key!r}; known: {sorted(out)}")
+    default = out[key]
+    try:
+      out[key] = type(default)(value) if default is not None and not isinstance(default, bool) else (
+          value.lower() in ("1", "true", "yes") if isinstance(default, bool) else value)
+    except ValueError:
+      raise UserError(f"config argument {key}={value!r} is not a {type(default).__name__}") from None
+  return ml_collections.ConfigDict(out)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Keys shared by every entry point (pre-training, transfer, distillation)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 256            # global, over all processes and devices
+  c.total_steps = 1000
+  c.log_every_steps = 10
+  c.eval_every_steps = 0        # 0: evaluate only at the end
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 2
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+  c.partitioning = ml_collections.ConfigDict({"rules": None})  # None: vlm_jax.parallel.partitioning.DEFAULT_RULES
+  c.frozen = ""                 # regex over '/'-joined parameter paths; matches get no gradient (LiT)
+  c.init = ml_collections.ConfigDict({"checkpoint": "", "params": ""})  # copy matching params from a run
+  c.optimizer = ml_collections.ConfigDict({
+      "name": "adamw", "lr": 1e-3, "b1": 0.9, "b2": 0.98, "eps": 1e-6, "weight_decay": 0.2,
+      "wd_mask": r"(^|/)kernel$", "clip_norm": 1.0, "schedule": "cosine", "warmup_steps": 100,
+      "end_factor": 0.0, "grad_accum_steps": 1})
+  c.objectives = ml_collections.ConfigDict({"clip": 1.0})
+  c.objective_hparams = ml_collections.ConfigDict()
+  return c
+
+
+CLIP_LOGIT_SCALE_INIT = math.log(1 / 0.07)
+SIGLIP_LOGIT_SCALE_INIT = math.log(10.0)
+SIGLIP_LOGIT_BIAS_INIT = -10.0

@@ -1,0 +1,197 @@
+"""The one training loop, shared by every objective (and later by transfer and distillation).
+
+    mesh ← config.mesh; model ← config.model; objective ← config.objectives; optimizer ← config.optimizer
+    state ← newest checkpoint in workdir/checkpoints, else fresh init (optionally with a tower loaded: LiT)
+    for step in [state.step, total_steps):
+        batch ← data iterator (per-process) → global jax.Array on the mesh
+        state, metrics ← train_step(state, batch)            # jit, sharded, state donated
+        log / evaluate / checkpoint on their schedules; SIGTERM → checkpoint and return
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from vlm_jax.errors import UserError
+from vlm_jax.parallel import mesh as mesh_lib
+from vlm_jax.parallel import partitioning
+from vlm_jax.train import checkpoint as ckpt_lib
+from vlm_jax.train import metrics as metrics_lib
+from vlm_jax.train.state import create_train_state
+from vlm_jax.train.step import make_train_step
+from vlm_jax.train.optim import make_optimizer
+
+log = logging.getLogger("vlm_jax")
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step (then it checkpoints and returns)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no handler, the flag stays False
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def any_process(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+
+def prepare_workdir(workdir: str) -> str:
+  workdir = os.path.abspath(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+  return workdir
+
+
+def global_batch(local: dict, mesh) -> dict:
+  """Per-process numpy batch -> global jax.Arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(mesh_lib.batch_sharding(mesh, v.ndim), v)
+          for k, v in local.items()}
+
+
+def check_batch_size(batch_size: int, mesh, accum: int) -> None:
+  dp = mesh_lib.data_parallel_size(mesh)
+  if batch_size % accum or (batch_size // accum) % dp:
+    raise UserError(f"batch_size={batch_size} with grad_accum_steps={accum} is not divisible by the "
+                    f"data-parallel size {dp} (mesh data×fsdp)")
+  if batch_size % jax.process_count():
+    raise UserError(f"batch_size={batch_size} is not divisible by the {jax.process_count()} processes")
+
+
+def _first_rows(batch: dict, n: int) -> dict:
+  return {k: v[:n] for k, v in batch.items()}
+
+
+def train(config, workdir: str, *, make_data: Callable, model, loss_fn: Callable,
+          evaluators: dict[str, Callable] | None = None, params_override: Callable | None = None,
+          quiet: bool = False) -> dict:
+  """Runs (or resumes) training; returns the last logged and evaluated metrics.
+
+  `make_data(process_index, process_count)` returns the per-process iterator (with get_state/set_state);
+  `evaluators` map a name to `fn(variables) -> {metric: value}`, run every `eval_every_steps` and at the end.
+  """
+  with _Preemption() as preempt:  # installed first: a SIGTERM during set-up still ends in a checkpoint
+    return _train(config, workdir, preempt, make_data=make_data, model=model, loss_fn=loss_fn,
+                  evaluators=evaluators, params_override=params_override, quiet=quiet)
+
+
+def _train(config, workdir, preempt, *, make_data, model, loss_fn, evaluators, params_override, quiet):
+  workdir = prepare_workdir(workdir)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules = partitioning.rules_from_config(config.get("partitioning", {}).get("rules"))
+  accum = int(config.optimizer.get("grad_accum_steps", 1))
+  check_batch_size(config.batch_size, mesh, accum)
+  total = int(config.total_steps)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+  data_iter = make_data(jax.process_index(), jax.process_count())
+  first = next(data_iter)
+  tx, schedule = make_optimizer(config.optimizer, total)
+  with jax.set_mesh(mesh):
+    example = _first_rows(first, mesh_lib.data_parallel_size(mesh) // max(1, jax.process_count()) or 1)
+    state, shardings = create_train_state(
+        model, tx, example, mesh=mesh, rules=rules, frozen=config.get("frozen") or None,
+        rng=jax.random.PRNGKey(int(config.seed)), params_override=params_override)
+
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.keep_checkpoints))
+  start = ckpt.latest_step()
+  if start is not None:
+    state = ckpt.restore(start, ckpt_lib.abstract_like(state, shardings), data_iter=data_iter)
+    first = None
+    if not quiet and jax.process_index() == 0:
+      print(f"resumed from {ckpt.directory}/{start}", flush=True)
+  start = int(start or 0)
+
+  step_fn = make_train_step(model, loss_fn, tx, schedule, accum_steps=accum, mesh=mesh, rules=rules)
+  train_step = jax.jit(step_fn, out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start if start else None)
+  bar = metrics_lib.ProgressBar(total, start) if not quiet else None
+  log_every = max(int(config.log_every_steps), 1)
+  config_dict = json.loads(config.to_json_best_effort())
+  last: dict[str, Any] = {}
+  skipped_seen = int(jax.device_get(state.skipped_steps))
+  t0, images = time.perf_counter(), 0
+
+  def evaluate(step):
+    out = {}
+    for name, fn in (evaluators or {}).items():
+      out.update(fn(state.variables()))
+    if out:
+      last.update(writer.write(step, out))
+    return out
+
+  with jax.set_mesh(mesh):
+    for step in range(start, total):
+      batch = first if first is not None else next(data_iter)
+      first = None
+      state, metrics = train_step(state, global_batch(batch, mesh))
+      images += config.batch_size
+      done = step + 1
+      if done % log_every == 0 or done == total:
+        metrics = jax.device_get(metrics)
+        dt = time.perf_counter() - t0
+        metrics["images_per_sec"] = images / dt if dt > 0 else 0.0
+        metrics.pop("step_finite", None)
+        last.update(writer.write(done, metrics))
+        if int(metrics["skipped_steps"]) > skipped_seen:
+          log.warning("skipped %d non-finite step(s) up to step %d (total %d)",
+                      int(metrics["skipped_steps"]) - skipped_seen, done, int(metrics["skipped_steps"]))
+          skipped_seen = int(metrics["skipped_steps"])
+        if bar:
+          bar.update_to(done, loss=float(metrics["loss"]), img_s=float(metrics["images_per_sec"]))
+        t0, images = time.perf_counter(), 0
+      eval_every = int(config.get("eval_every_steps", 0) or 0)
+      if evaluators and ((eval_every and done % eval_every == 0 and done != total)):
+        evaluate(done)
+      stop = preempt.any_process()
+      if done == total or stop or done % int(config.checkpoint_every_steps) == 0:
+        ckpt.save(done, state, data_iter=data_iter, config=config_dict, force=True)
+      if stop:
+        ckpt.wait()
+        if not quiet and jax.process_index() == 0:
+          print(f"SIGTERM: saved checkpoint at step {done}; rerun the same command to resume", flush=True)
+        break
+    else:
+      if evaluators:
+        evaluate(total)
+
+  ckpt.close()
+  writer.close()
+  if bar:
+    bar.close()
+  if jax.process_index() == 0 and os.path.exists(writer.path):
+    metrics_lib.plot_loss(writer.path, os.path.join(workdir, "plots", "loss.png"))
+  return last

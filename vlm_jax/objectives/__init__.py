@@ -1,1 +1,66 @@
-"""vlm_jax.objectives."""
+"""Objective registry and the weighted combination the training loop calls.
+
+`OBJECTIVES` maps a config name to a pure `loss_fn(outputs, batch, *, mesh_axes=None, **hparams)
+-> (scalar, metrics)`. A run picks and weights objectives in config data, e.g.
+`config.objectives = {'clip': 1.0, 'simclr': 0.5}` (SLIP) with per-objective keyword arguments in
+`config.objective_hparams = {'simclr': {'temperature': 0.1}}`; `make_loss_fn` turns that into one
+`fn(outputs, batch) -> (loss, metrics)`, so a single training loop serves every objective family.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Mapping, Sequence
+
+from vlm_jax.errors import UserError
+from vlm_jax.objectives.contrastive import clip_loss, siglip_loss, simclr_loss, unicl_loss
+
+OBJECTIVES: dict[str, Callable[..., Any]] = {
+    "clip": clip_loss,
+    "siglip": siglip_loss,
+    "unicl": unicl_loss,
+    "simclr": simclr_loss,
+}
+
+
+def _hparam_names(fn: Callable[..., Any]) -> list[str]:
+  params = inspect.signature(fn).parameters.values()
+  return [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.name != "mesh_axes"]
+
+
+def make_loss_fn(objectives: Mapping[str, float],
+                 hparams: Mapping[str, Mapping[str, Any]] | None = None,
+                 mesh_axes: str | Sequence[str] | None = None):
+  """Returns `fn(outputs, batch) -> (total, metrics)` with total = Σ_name w_name · loss_name.
+
+  `objectives` maps registry names to weights (a weight of 0 skips the objective); `hparams` maps a name to
+  keyword arguments of its loss (e.g. {'simclr': {'temperature': 0.1}}); `mesh_axes` is passed to every
+  objective (see `vlm_jax.objectives.contrastive`). `metrics` merges every objective's metrics and adds
+  'loss' = total. Unknown names or hyper-parameters raise `UserError` listing the choices.
+  """
+  choices = sorted(OBJECTIVES)
+  weights = {str(name): float(w) for name, w in dict(objectives or {}).items()}
+  hparams = {str(name): dict(kw) for name, kw in dict(hparams or {}).items()}
+  for name in list(weights) + list(hparams):
+    if name not in OBJECTIVES:
+      raise UserError(f"unknown objective {name!r}; choose from {choices}")
+  for name, kw in hparams.items():
+    allowed = _hparam_names(OBJECTIVES[name])
+    unknown = sorted(set(kw) - set(allowed))
+    if unknown:
+      raise UserError(f"objective {name!r} has no hyper-parameter(s) {unknown}; it accepts {allowed}")
+  active = [(name, w) for name, w in weights.items() if w != 0.0]
+  if not active:
+    raise UserError(f"no objective has a non-zero weight in {weights}; choose from {choices}")
+
+  def loss_fn(outputs, batch):
+    total = 0.0
+    metrics = {}
+    for name, weight in active:
+      loss, m = OBJECTIVES[name](outputs, batch, mesh_axes=mesh_axes, **hparams.get(name, {}))
+      total = total + weight * loss
+      metrics.update(m)
+    metrics["loss"] = total
+    return total, metrics
+
+  return loss_fn

@@ -1,0 +1,262 @@
+"""The shared pre-LayerNorm transformer: attention, MLP, block, and the (optionally scanned, rematerialised) stack.
+
+Pre-LN residual blocks as in ViT (Dosovitskiy et al. 2021) and CLIP (Radford et al. 2021). Every parameter
+carries logical axis names (`embed`, `heads`, `kv`, `mlp`, `norm`, `layers` when scanned) and activations are
+constrained to (`act_batch`, `act_len`, `act_embed`) at block boundaries, so the same code runs data-parallel,
+FSDP or tensor-parallel depending only on the rules table. Layer scanning (`nn.scan`) and the rematerialisation
+policy are named in config, MaxText style.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from vlm_jax.errors import UserError
+
+Dtype = Any
+ACT = ("act_batch", "act_len", "act_embed")
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
+}
+REMAT_NAMES = ("none",) + tuple(REMAT_POLICIES)
+
+
+def quick_gelu(x):
+  """x * sigmoid(1.702 x): the GELU approximation of OpenAI CLIP (Radford et al. 2021)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+    "relu": nn.relu,
+}
+
+
+def activation(name: str) -> Callable:
+  if name not in ACTIVATIONS:
+    raise UserError(f"unknown activation {name!r}; valid choices: {', '.join(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+def remat_policy(name: str):
+  """Maps a config name ('none', 'full', 'dots_saveable', …) to a `jax.checkpoint_policies` policy."""
+  if name not in REMAT_NAMES:
+    raise UserError(f"unknown remat policy {name!r}; valid choices: {', '.join(REMAT_NAMES)}")
+  return REMAT_POLICIES.get(name)
+
+
+def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None, eps: float = 1e-5) -> nn.LayerNorm:
+  """LayerNorm whose scale/bias carry the `norm` logical axis."""
+  return nn.LayerNorm(
+      epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+
+
+def causal_mask(length: int) -> jax.Array:
+  """[1, 1, L, L] boolean mask, True where query i may attend key j <= i (autoregressive text, CLIP)."""
+  return jnp.tril(jnp.ones((length, length), bool))[None, None]
+
+
+class HeadsDense(nn.Module):
+  """Linear map contracting the last `contract` input axes into a multi-axis output (q/k/v and output proj).
+
+  The kernel keeps its full shape (e.g. [embed, heads, kv]) so logical names apply per axis; initialised
+  Glorot-uniform over the flattened fan-in / fan-out, as big_vision's attention.
+  """
+  features: tuple[int, ...]
+  contract: int
+  kernel_axes: tuple[str | None, ...]
+  bias_axes: tuple[str | None, ...]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c, f = self.contract, len(self.features)
+    init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=tuple(range(c)),
+                                            out_axis=tuple(range(c, c + f)))
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
+                        tuple(x.shape[-c:]) + tuple(self.features), self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes),
+                      tuple(self.features), self.param_dtype)
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=c)
+    return y + bias.astype(self.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head dot-product attention (Vaswani et al. 2017) with q/k/v kernels [embed, heads, kv].
+
+  `mask` is boolean, broadcastable to [B, heads, Lq, Lk]; True = may attend.
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_q, x_kv=None, mask=None):
+    x_kv = x_q if x_kv is None else x_kv
+    d = x_q.shape[-1]
+    if d % self.num_heads:
+      raise UserError(f"width {d} is not divisible by num_heads {self.num_heads}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def proj(name, x):
+      return HeadsDense((self.num_heads, d // self.num_heads), 1, ("embed", "heads", "kv"), ("heads", "kv"),
+                        name=name, **kw)(x)
+
+    heads_spec = ("act_batch", "act_len", "act_heads", "act_kv")
+    q = nn.with_logical_constraint(checkpoint_name(proj("query", x_q), "query_proj"), heads_spec)
+    k = nn.with_logical_constraint(checkpoint_name(proj("key", x_kv), "key_proj"), heads_spec)
+    v = nn.with_logical_constraint(checkpoint_name(proj("value", x_kv), "value_proj"), heads_spec)
+    y = nn.with_logical_constraint(jax.nn.dot_product_attention(q, k, v, mask=mask), heads_spec)
+    return HeadsDense((d,), 2, ("heads", "kv", "embed"), ("embed",), name="out", **kw)(y)
+
+
+class Mlp(nn.Module):
+  """Transformer feed-forward block: Dense(mlp_dim) -> activation -> Dense(width)."""
+  mlp_dim: int
+  act: str = "gelu"
+  dropout: float = 0.0
+  deterministic: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = nn.Dense(self.mlp_dim, name="fc1", **kw,
+                 kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("embed", "mlp")),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.normal(1e-6), ("mlp",)))(x)
+    h = nn.with_logical_constraint(activation(self.act)(h), ("act_batch", "act_len", "act_mlp"))
+    h = nn.Dropout(self.dropout)(h, deterministic=self.deterministic)
+    return nn.Dense(d, name="fc2", **kw,
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), ("mlp", "embed")),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.normal(1e-6), ("embed",)))(h)
+
+
+class Block(nn.Module):
+  """One pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x)) (Dosovitskiy et al. 2021).
+
+  Deep prompts (VPT-deep, Jia et al. 2022; MaPLe, Khattak et al. 2023): when `prompt` [B|1, P, D] is given
+  and `use_prompt` is true, tokens [prompt_start, prompt_start + P) are replaced by `prompt` before the block.
+  Returns (x, None) so the block can be the body of `nn.scan`.
+  """
+  num_heads: int
+  mlp_dim: int
+  act: str = "gelu"
+  dropout: float = 0.0
+  prompt_start: int = 0
+  deterministic: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None, prompt=None, use_prompt=None):
+    if prompt is not None:
+      s, p = self.prompt_start, prompt.shape[-2]
+      prompt = jnp.broadcast_to(prompt.astype(x.dtype), (x.shape[0], p, x.shape[-1]))
+      old = x[:, s:s + p]
+      new = prompt if use_prompt is None else jnp.where(use_prompt, prompt, old)
+      x = jax.lax.dynamic_update_slice_in_dim(x, new, s, axis=1)
+    x = nn.with_logical_constraint(x, ACT)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    y = layer_norm(name="ln1", **kw)(x)
+    y = Attention(self.num_heads, name="attn", **kw)(y, mask=mask)
+    y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
+    x = nn.with_logical_constraint(x + y, ACT)
+    y = layer_norm(name="ln2", **kw)(x)
+    y = Mlp(self.mlp_dim, self.act, self.dropout, self.deterministic, name="mlp", **kw)(y)
+    y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
+    x = nn.with_logical_constraint(x + y, ACT)
+    return x, None
+
+
+class Encoder(nn.Module):
+  """A stack of `depth` pre-LN blocks followed by a final LayerNorm.
+
+  scan=True runs the blocks with `nn.scan` (parameters stacked along a leading `layers` axis under
+  `blocks/…`); scan=False unrolls them (`block_0`, `block_1`, …). `remat` names the rematerialisation policy
+  (see `REMAT_POLICIES`). `causal` adds the autoregressive mask; `mask` (boolean, broadcastable to
+  [B, heads, L, L]) is combined with it. `prompts` [n, P, D] or [n, B, P, D] (n <= depth) replace tokens
+  [prompt_start, prompt_start + P) before each of the first n blocks (VPT-deep / MaPLe); the caller has
+  already placed P tokens there.
+  """
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  act: str = "gelu"
+  dropout: float = 0.0
+  causal: bool = False
+  prompt_start: int = 0
+  scan: bool = False
+  remat: str = "none"
+  final_norm: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None, prompts=None, *, train: bool = False):
+    if self.causal:
+      cm = causal_mask(x.shape[1])
+      mask = cm if mask is None else jnp.logical_and(mask, cm)
+    use = None
+    if prompts is not None:
+      n = prompts.shape[0]
+      if n > self.depth:
+        raise UserError(f"{n} prompt layers given for a {self.depth}-layer encoder")
+      if prompts.ndim == 3:
+        prompts = prompts[:, None]
+      pad = [(0, self.depth - n)] + [(0, 0)] * (prompts.ndim - 1)
+      prompts = jnp.pad(prompts, pad)
+      use = jnp.arange(self.depth) < n
+
+    block_cls = Block
+    policy = remat_policy(self.remat)
+    if self.remat != "none":
+      block_cls = nn.remat(Block, policy=policy, prevent_cse=not self.scan)
+    kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, act=self.act, dropout=self.dropout,
+              prompt_start=self.prompt_start, deterministic=not train, dtype=self.dtype,
+              param_dtype=self.param_dtype)
+    x = nn.with_logical_constraint(x, ACT)
+    if self.scan:
+      stack = nn.scan(
+          block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast, 0, 0), length=self.depth,
+          metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = stack(name="blocks", **kw)(x, mask, prompts, use)
+    else:
+      for i in range(self.depth):
+        p_i = None if prompts is None else prompts[i]
+        u_i = None if use is None else use[i]
+        x, _ = block_cls(name=f"block_{i}", **kw)(x, mask, p_i, u_i)
+    if self.final_norm:
+      x = layer_norm(self.dtype, self.param_dtype, name="ln_final")(x)
+    return nn.with_logical_constraint(x, ACT)
+
+
+def stack_block_params(params: dict, depth: int) -> dict:
+  """Converts unrolled encoder params (`block_0`…) to the scanned layout (`blocks`, leading layers axis)."""
+  out = {k: v for k, v in params.items() if not k.startswith("block_")}
+  out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"block_{i}"] for i in range(depth)])
+  return out
+
+
+def unstack_block_params(params: dict, depth: int) -> dict:
+  """Inverse of `stack_block_params`."""
+  out = {k: v for k, v in params.items() if k != "blocks"}
+  for i in range(depth):
+    out[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["blocks"])
+  return out

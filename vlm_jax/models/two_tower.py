@@ -1,0 +1,136 @@
+"""Two-tower contrastive model: image and text encoders, projections, L2 norm, temperature (and bias).
+
+One module serves CLIP (Radford et al. 2021), SigLIP (Zhai et al. 2023: adds the learned `logit_bias`), LiT
+(Zhai et al. 2022: the image tower is frozen by the optimiser, not here), SLIP (Mu et al. 2022: a SimCLR MLP
+head on two augmented views) and FLIP (Li et al. 2023: random patch dropping in training). The outputs dict is
+the contract consumed by `vlm_jax.objectives`:
+  zimg, ztxt [B, E] L2-normalised float32; logit_scale = exp(min(log_logit_scale, ln 100)); logit_bias (SigLIP);
+  img, txt: the encoder dicts {'pooled', 'tokens'}; zview1, zview2 (SLIP, when the batch has the views).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.errors import UserError
+from vlm_jax.models.transformer import layer_norm
+from vlm_jax.models.vit import random_keep_indices
+
+Dtype = Any
+MAX_LOG_LOGIT_SCALE = math.log(100.)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """x / ||x||_2 along the last axis, computed in float32."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
+
+
+def _projection(features: int, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.Dense:
+  return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name,
+                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None)))
+
+
+class SimCLRHead(nn.Module):
+  """SLIP's image SSL head (Mu et al. 2022; SimCLR, Chen et al. 2020): Linear-Norm-ReLU x2, then Linear.
+
+  Deviation: SLIP uses (synchronised) BatchNorm; LayerNorm is used here so the model stays stateless.
+  """
+  hidden: int = 4096
+  out: int = 256
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    for i in range(2):
+      x = nn.Dense(self.hidden, name=f"fc{i + 1}", **kw,
+                   kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
+                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(x)
+      x = nn.relu(layer_norm(name=f"norm{i + 1}", **kw)(x))
+    return nn.Dense(self.out, name="fc3", **kw,
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", None)),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))(x)
+
+
+class TwoTower(nn.Module):
+  """CLIP/SigLIP/LiT/SLIP/FLIP two-tower model around an image encoder `img` and a text encoder `txt`.
+
+  Both encoders return {'pooled', 'tokens'} and take `train=`; the image encoder must also accept
+  `keep_idx=` and expose `num_patches(image_shape)` when `flip_mask_ratio > 0`. `project_image=False` skips
+  the image projection (CLIP ResNets project inside their attention pool).
+  """
+  img: nn.Module
+  txt: nn.Module
+  embed_dim: int = 512
+  logit_scale_init: float = math.log(1 / 0.07)
+  logit_bias_init: float | None = None
+  project_image: bool = True
+  project_text: bool = True
+  simclr_hidden: int = 0  # 0: no SimCLR head
+  simclr_out: int = 0
+  flip_mask_ratio: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    if self.project_image:
+      self.img_proj = _projection(self.embed_dim, "img_proj", self.dtype, self.param_dtype)
+    if self.project_text:
+      self.txt_proj = _projection(self.embed_dim, "txt_proj", self.dtype, self.param_dtype)
+    self.log_logit_scale = self.param(
+        "log_logit_scale", nn.initializers.constant(self.logit_scale_init), (), jnp.float32)
+    if self.logit_bias_init is not None:
+      self.logit_bias = self.param("logit_bias", nn.initializers.constant(self.logit_bias_init), (), jnp.float32)
+    if self.simclr_hidden:
+      self.simclr_head = SimCLRHead(self.simclr_hidden, self.simclr_out, self.dtype, self.param_dtype)
+
+  def _embed_image(self, enc):
+    z = self.img_proj(enc["pooled"]) if self.project_image else enc["pooled"]
+    return l2_normalize(z)
+
+  def _embed_text(self, enc):
+    z = self.txt_proj(enc["pooled"]) if self.project_text else enc["pooled"]
+    return l2_normalize(z)
+
+  def _image_tower(self, images, train: bool):
+    """Image encoder; FLIP drops a random round(r N) patches per example in training (rng stream 'mask')."""
+    if train and self.flip_mask_ratio > 0:
+      if not hasattr(self.img, "num_patches"):
+        raise UserError("flip_mask_ratio > 0 needs a ViT image tower")
+      keep_idx = random_keep_indices(self.make_rng("mask"), images.shape[0], self.img.num_patches(images.shape),
+                                     self.flip_mask_ratio)
+      return self.img(images, keep_idx=keep_idx, train=train)
+    return self.img(images, train=train)
+
+  def encode_image(self, images, *, train: bool = False):
+    """L2-normalised image embeddings zimg [B, embed_dim] (float32)."""
+    return self._embed_image(self.img(images, train=train))
+
+  def encode_text(self, ids, *, train: bool = False):
+    """L2-normalised text embeddings ztxt [B, embed_dim] (float32) for token ids [B, L]."""
+    return self._embed_text(self.txt(ids, train=train))
+
+  def logit_scale(self):
+    """Temperature t = exp(min(log_logit_scale, ln 100)) (CLIP clamps the learned scale at 100)."""
+    return jnp.exp(jnp.minimum(self.log_logit_scale, MAX_LOG_LOGIT_SCALE))
+
+  def __call__(self, batch, *, train: bool = False):
+    """batch: {'image' [B,H,W,3], 'text' int [B,L], optional 'image_view1'/'image_view2'} -> outputs dict."""
+    img = self._image_tower(batch["image"], train)
+    txt = self.txt(batch["text"], train=train)
+    out = {"zimg": self._embed_image(img), "ztxt": self._embed_text(txt),
+           "logit_scale": self.logit_scale(), "img": img, "txt": txt}
+    if self.logit_bias_init is not None:
+      out["logit_bias"] = self.logit_bias
+    if self.simclr_hidden and "image_view1" in batch and "image_view2" in batch:
+      for k in ("1", "2"):
+        pooled = self.img(batch["image_view" + k], train=train)["pooled"]
+        out["zview" + k] = l2_normalize(self.simclr_head(pooled))
+    return out

@@ -78,8 +78,7 @@ def maybe_initialize_distributed() -> None:
   coord = os.environ.get("JAX_COORDINATOR_ADDRESS")
   nproc = int(os.environ.get("JAX_NUM_PROCESSES", "1"))
   if coord and nproc > 1:
-    if os.environ.get("JAX_PLATFORMS", "") in ("cpu",) or os.environ.get("VLM_JAX_CPU_COLLECTIVES"):
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only affects the CPU backend
     jax.distributed.initialize(coordinator_address=coord, num_processes=nproc,
                                process_id=int(os.environ["JAX_PROCESS_ID"]))
   elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:

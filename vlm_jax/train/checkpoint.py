@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 import grain
+import numpy as np
 import jax
 import orbax.checkpoint as ocp
 
@@ -65,3 +66,53 @@ class Checkpointer:
 def abstract_like(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying the target shardings, for sharded restore."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _state_path(directory: str) -> str:
+  """`directory` may be a workdir, its checkpoints/ folder or one step's folder; returns `<step>/state`."""
+  directory = os.path.abspath(directory)
+  for candidate in (directory, os.path.join(directory, "checkpoints")):
+    if os.path.isdir(os.path.join(candidate, "state")):
+      return os.path.join(candidate, "state")
+    steps = [int(d) for d in os.listdir(candidate) if d.isdigit()] if os.path.isdir(candidate) else []
+    if steps:
+      return os.path.join(candidate, str(max(steps)), "state")
+  raise UserError(f"no vlm_jax checkpoint found in {directory}")
+
+
+def load_params(directory: str) -> dict:
+  """All parameters (trainable and frozen, merged) of the newest checkpoint under `directory`, as numpy.
+
+  Reads host-side without a target tree, so it works whatever mesh the checkpoint was written on.
+  """
+  from flax import traverse_util
+  path = _state_path(directory)
+  ckptr = ocp.PyTreeCheckpointer()
+  tree = ckptr.metadata(path).item_metadata.tree
+  tree = {k: tree[k] for k in ("params", "frozen") if k in tree}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  state = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args,
+                                                                partial_restore=True))
+  flat = traverse_util.flatten_dict(state.get("params") or {}, sep="/")
+  flat.update(traverse_util.flatten_dict(state.get("frozen") or {}, sep="/"))
+  return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def copy_params(target: dict, source: dict, pattern: str, *, source_name: str = "checkpoint") -> dict:
+  """Replaces the leaves of `target` whose '/'-path matches `pattern` by the same-path leaves of `source`."""
+  import re
+  from flax import traverse_util
+  rx = re.compile(pattern)
+  tgt = traverse_util.flatten_dict(target, sep="/")
+  src = traverse_util.flatten_dict(source, sep="/")
+  hits = [k for k in tgt if rx.search(k)]
+  if not hits:
+    raise UserError(f"init.params={pattern!r} matches no parameter of this model")
+  for k in hits:
+    if k not in src:
+      raise UserError(f"{source_name} has no parameter {k!r} (another architecture?)")
+    if tuple(src[k].shape) != tuple(tgt[k].shape):
+      raise UserError(f"{source_name} parameter {k!r} has shape {tuple(src[k].shape)}, "
+                      f"this model needs {tuple(tgt[k].shape)} (another architecture?)")
+    tgt[k] = np.asarray(src[k]).astype(tgt[k].dtype)
+  return traverse_util.unflatten_dict(tgt, sep="/")

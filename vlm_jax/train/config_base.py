@@ -55,9 +55,60 @@ def base_config() -> ml_collections.ConfigDict:
       "end_factor": 0.0, "grad_accum_steps": 1})
   c.objectives = ml_collections.ConfigDict({"clip": 1.0})
   c.objective_hparams = ml_collections.ConfigDict()
+  c.data = ml_collections.ConfigDict({"name": "synthetic", "shards": "", "image_size": 224})
+  c.tokenizer = ml_collections.ConfigDict({"name": "words", "max_len": 16})
+  c.evals = ml_collections.ConfigDict()   # {name: {'kind': …, …}}; see vlm_jax.evaluate
   return c
 
 
 CLIP_LOGIT_SCALE_INIT = math.log(1 / 0.07)
 SIGLIP_LOGIT_SCALE_INIT = math.log(10.0)
 SIGLIP_LOGIT_BIAS_INIT = -10.0
+
+
+def tiny_run() -> dict:
+  """Run settings of the embedded synthetic default (2-core CPU, `make demo`)."""
+  return dict(
+      batch_size=256, total_steps=1200, log_every_steps=20, eval_every_steps=0, checkpoint_every_steps=400,
+      data=ml_collections.ConfigDict({"name": "synthetic", "image_size": 32, "synthetic": {}}),
+      tokenizer=ml_collections.ConfigDict({"name": "words", "max_len": 16}),
+      optimizer=ml_collections.ConfigDict({
+          "name": "adamw", "lr": 1e-3, "b1": 0.9, "b2": 0.98, "eps": 1e-6, "weight_decay": 0.05,
+          "wd_mask": r"(^|/)kernel$", "clip_norm": 1.0, "schedule": "cosine", "warmup_steps": 100,
+          "end_factor": 0.0, "grad_accum_steps": 1}),
+      evals=ml_collections.ConfigDict({"zeroshot": {"kind": "zeroshot_synthetic"}}))
+
+
+def tiny_model(image_size: int = 32) -> ml_collections.ConfigDict:
+  """A CPU-sized two-tower: conv-stem ViT (Xiao et al. 2021) and a small causal text transformer."""
+  return ml_collections.ConfigDict({
+      "image": {"kind": "vit", "variant": "tiny", "image_size": image_size, "stem": "conv", "patch_size": 8,
+                "width": 128, "depth": 4, "num_heads": 4, "mlp_dim": 512, "pool_type": "gap"},
+      "text": {"kind": "text", "variant": "tiny", "width": 64, "depth": 2, "num_heads": 2, "mlp_dim": 256},
+      "embed_dim": 64, "logit_scale_init": CLIP_LOGIT_SCALE_INIT, "logit_bias_init": None,
+      "simclr_head": None, "flip_mask_ratio": 0.0, "scan": False, "remat": "none", "dtype": "float32",
+      "param_dtype": "float32"})
+
+
+def full_run(res: int) -> dict:
+  """Run settings at scale (open_clip / big_vision conventions): global batch 32k, bf16 compute, shards."""
+  return dict(
+      batch_size=32768, total_steps=100_000, log_every_steps=50, eval_every_steps=2000,
+      checkpoint_every_steps=2000, keep_checkpoints=3,
+      data=ml_collections.ConfigDict({"name": "shards", "shards": "", "image_size": res}),
+      tokenizer=ml_collections.ConfigDict({"name": "clip", "max_len": 77}),
+      optimizer=ml_collections.ConfigDict({
+          "name": "adamw", "lr": 5e-4, "b1": 0.9, "b2": 0.98, "eps": 1e-6, "weight_decay": 0.2,
+          "wd_mask": r"(^|/)kernel$", "clip_norm": 1.0, "schedule": "cosine", "warmup_steps": 10_000,
+          "end_factor": 0.0, "grad_accum_steps": 1}),
+      evals=ml_collections.ConfigDict())
+
+
+def vit_text_model(img: str, txt: str, res: int, embed: int) -> ml_collections.ConfigDict:
+  """ViT image tower + CLIP text tower, scanned and rematerialised, bf16 compute with fp32 params."""
+  return ml_collections.ConfigDict({
+      "image": {"kind": "vit", "variant": img, "image_size": res, "pool_type": "cls", "pre_norm": True},
+      "text": {"kind": "text", "variant": txt, "vocab_size": 49408, "max_len": 77},
+      "embed_dim": embed, "logit_scale_init": CLIP_LOGIT_SCALE_INIT, "logit_bias_init": None,
+      "simclr_head": None, "flip_mask_ratio": 0.0, "scan": True, "remat": "dots_with_no_batch_dims_saveable",
+      "dtype": "bfloat16", "param_dtype": "float32"})

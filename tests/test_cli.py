@@ -1,0 +1,44 @@
+"""Entry-point user errors: one line `error: …` on stderr and exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tests import train_helpers as th
+
+
+def _assert_user_error(result, fragment: str):
+  assert result.returncode == 2, (result.returncode, result.stderr[-1500:])
+  lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+  assert lines and lines[-1].startswith("error: "), result.stderr[-1500:]
+  assert "Traceback" not in result.stderr
+  assert fragment in lines[-1], lines[-1]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--config=configs/pretrain/clip.py:nosuch=1"], "unknown config argument"),
+    (["--config=configs/pretrain/clip.py:img=Z/16"], "unknown"),
+    (["--config=configs/pretrain/missing.py:tiny"], "config"),
+    (["--config=configs/pretrain/clip.py:tiny", "--config.batch_size=12"], "not divisible"),
+    (["--config=configs/pretrain/clip.py:tiny", "--config.no_such_key=1"], "no_such_key"),
+    (["--config=configs/pretrain/clip.py:tiny", "--config.objectives.nosuch=1.0"], "nosuch"),
+    (["--config=configs/pretrain/clip.py:tiny", "--config.mesh.model=3"], "mesh"),
+])
+def test_user_errors_exit_2_with_one_line(tmp_path, args, fragment):
+  r = th.run_cli([sys.executable, "-m", "vlm_jax.pretrain", *args, f"--workdir={tmp_path}/w"], timeout=120)
+  _assert_user_error(r, fragment)
+
+
+def test_unwritable_workdir(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  r = th.run_cli([sys.executable, "-m", "vlm_jax.pretrain", "--config=configs/pretrain/clip.py:tiny",
+                  f"--workdir={blocker}/sub"], timeout=120)
+  _assert_user_error(r, "not writable")
+
+
+def test_missing_workdir_flag():
+  r = th.run_cli([sys.executable, "-m", "vlm_jax.pretrain", "--config=configs/pretrain/clip.py:tiny"], timeout=120)
+  _assert_user_error(r, "--workdir")

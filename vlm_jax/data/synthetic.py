@@ -1,0 +1,409 @@
+"""Procedural image-caption dataset of coloured shapes: the default data when no dataset is given.
+
+Each image shows 1–3 flat-coloured shapes on a low-contrast, grey textured background; its caption names
+them ("a red circle", "a photo of a small crimson disk on the left", "a blue star and a pink ring", …). The
+class of an object is the pair (shape, colour), with
+
+    class id = shape_idx * n_colours + colour_idx            (8 shapes × 8 colours = 64 classes)
+
+A deterministic set of held-out pairs (16 of 64 by default: every shape misses exactly two colours and every
+colour misses exactly two shapes, so each still appears with six partners) NEVER appears in a 'train' image or
+caption; the 'eval_unseen' split shows only those pairs, 'eval_seen' only the others, one object per image, so
+zero-shot classification over all 64 classes measures compositional generalisation (chance 1/64).
+
+Everything is a pure function of (seed, split, index): `SyntheticShapes` is a random-access source (`__len__`,
+`__getitem__`) usable as a grain data source. An element is a dict
+
+    image     uint8 [S, S, 3]   rendered at the requested size, anti-aliased by supersampling
+    caption   str
+    label     int32 []          UniCL concept id (see `content_label`)
+    classes   int32 [K]         class id per object, -1 padding (K = max_objects)
+    boxes     float32 [K, 4]    (x0, y0, x1, y1) pixel-edge coordinates of each object's visible mask
+                                (x1, y1 exclusive), zeros for padding
+    instance_mask int32 [S, S]  0 = background, k + 1 = object k
+    semantic_mask int32 [S, S]  0 = background, class id + 1 = object pixels
+
+`scene(index)` returns the metadata without rendering (cheap, used to audit captions and held-out pairs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Sequence
+
+import numpy as np
+
+# name, caption synonyms (the first is canonical and is the one used in zero-shot prompts)
+SHAPES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("circle", ("circle", "disk")),
+    ("square", ("square", "box")),
+    ("triangle", ("triangle",)),
+    ("diamond", ("diamond", "rhombus")),
+    ("star", ("star",)),
+    ("cross", ("cross", "plus")),
+    ("heart", ("heart",)),
+    ("ring", ("ring", "donut")),
+    ("crescent", ("crescent", "moon")),
+    ("hexagon", ("hexagon",)),
+)
+# name, RGB, synonyms (first canonical)
+COLOURS: tuple[tuple[str, tuple[int, int, int], tuple[str, ...]], ...] = (
+    ("red", (225, 25, 30), ("red", "crimson", "scarlet")),
+    ("orange", (250, 135, 15), ("orange", "tangerine")),
+    ("yellow", (245, 225, 20), ("yellow", "golden")),
+    ("green", (30, 165, 45), ("green", "emerald")),
+    ("cyan", (20, 210, 225), ("cyan", "turquoise")),
+    ("blue", (25, 55, 225), ("blue", "azure")),
+    ("purple", (125, 30, 185), ("purple", "violet")),
+    ("pink", (255, 125, 200), ("pink", "rose")),
+    ("brown", (120, 70, 20), ("brown", "chocolate")),
+    ("black", (15, 15, 15), ("black", "dark")),
+)
+SIZE_WORDS = {0: ("small", "tiny", "little"), 1: ("medium", "mid-sized"), 2: ("large", "big")}
+PREFIXES = ("", "a photo of ", "a picture of ", "an image of ", "there is ", "a rendering of ")
+SUFFIXES = ("", "", "", " on a textured background")
+SPLITS = ("train", "eval_seen", "eval_unseen")
+# relative diameter ranges (fraction of the image side) per size class, and the cap per object count
+_SIZE_RANGES = ((0.30, 0.38), (0.40, 0.50), (0.52, 0.66))
+_MAX_DIAM = {1: 0.66, 2: 0.48, 3: 0.40}
+
+
+def _article(word: str) -> str:
+  return "an" if word[0] in "aeiou" else "a"
+
+
+def tokenize_words(text: str) -> list[str]:
+  """Lower-case words, split on anything that is not a letter (the 'words' tokenizer's rule)."""
+  return [w for w in re.split(r"[^a-z]+", text.lower()) if w]
+
+
+def vocabulary(n_shapes: int = len(SHAPES), n_colours: int = len(COLOURS)) -> tuple[str, ...]:
+  """Every word a caption or a zero-shot prompt of this dataset can contain, sorted."""
+  words: set[str] = {"a", "an", "and", "the", "of", "on", "in", "at", "photo", "picture", "image", "there",
+                     "is", "rendering", "textured", "background", "left", "right", "top", "bottom", "center"}
+  for _, syn in SHAPES[:n_shapes]:
+    words.update(tokenize_words(" ".join(syn)))
+  for _, _, syn in COLOURS[:n_colours]:
+    words.update(tokenize_words(" ".join(syn)))
+  for syn in SIZE_WORDS.values():
+    words.update(tokenize_words(" ".join(syn)))
+  return tuple(sorted(words))
+
+
+def heldout_pairs(n_shapes: int = 8, n_colours: int = 8, n_holdout: int = 16) -> np.ndarray:
+  """Held-out (shape, colour) pairs [n_holdout, 2], spread evenly: shape s misses colours s + j·n_colours/h.
+
+  With h = n_holdout / n_shapes per shape (2 for 8×8/16), every colour is also missed by exactly h shapes,
+  so each shape and colour keeps n − h partners in training.
+  """
+  if n_holdout % n_shapes or n_holdout // n_shapes >= n_colours:
+    raise ValueError(f"n_holdout={n_holdout} must be a multiple of n_shapes={n_shapes} and leave colours")
+  h = n_holdout // n_shapes
+  step = n_colours // h if h else 1
+  return np.array([(s, (s + j * step) % n_colours) for s in range(n_shapes) for j in range(h)], np.int32)
+
+
+def content_label(classes: Sequence[int], n_classes: int) -> int:
+  """UniCL concept id of an image: its class id when it shows one object; otherwise a stable id of the
+  SORTED multiset of its classes, offset past the single-object ids (n + n² + … in mixed radix n), so two
+  images share a label exactly when they show the same classes regardless of position, size or caption."""
+  cls = sorted(int(c) for c in classes)
+  if len(cls) == 1:
+    return cls[0]
+  offset = sum(n_classes ** k for k in range(1, len(cls)))
+  code = 0
+  for c in cls:
+    code = code * n_classes + c
+  return offset + code
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+  """Metadata of one image (no pixels)."""
+  classes: tuple[int, ...]
+  centers: tuple[tuple[float, float], ...]  # (x, y) in pixels
+  diameters: tuple[float, ...]  # in pixels
+  rgbs: tuple[tuple[int, int, int], ...]
+  caption: str
+  label: int
+  background: tuple  # (kind, grey, tint rgb, amplitude, params…)
+  seed_bits: int  # seeds the background noise
+
+
+# ----------------------------------------------------------------------------------------------------------
+# shape inside-tests on normalised coordinates u (right), v (down) in [-1, 1]
+
+def _polygon(n: int, radius: float = 1.0, phase: float = -np.pi / 2, inner: float | None = None):
+  """Vertices of a regular n-gon (or a 2n-point star when `inner` is set), first vertex at `phase`."""
+  if inner is None:
+    a = phase + 2 * np.pi * np.arange(n) / n
+    return np.stack([radius * np.cos(a), radius * np.sin(a)], -1)
+  a = phase + np.pi * np.arange(2 * n) / n
+  r = np.where(np.arange(2 * n) % 2 == 0, radius, inner)
+  return np.stack([r * np.cos(a), r * np.sin(a)], -1)
+
+
+_STAR = _polygon(5, 1.0, inner=0.45)
+_STAR[:, 1] += 0.1
+_HEXAGON = _polygon(6, 0.97, phase=0.0)
+
+
+def _in_polygon(u: np.ndarray, v: np.ndarray, poly: np.ndarray) -> np.ndarray:
+  """Even-odd crossing test of points (u, v) against a closed polygon [E, 2]."""
+  inside = np.zeros(u.shape, bool)
+  x0, y0 = poly[:, 0], poly[:, 1]
+  x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+  for a, b, c, d in zip(x0, y0, x1, y1):
+    crosses = (b > v) != (d > v)
+    xint = a + (v - b) * (c - a) / (d - b + 1e-12)
+    inside ^= crosses & (u < xint)
+  return inside
+
+
+def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+  r2 = u * u + v * v
+  if shape == "circle":
+    return r2 <= 0.92 ** 2
+  if shape == "square":
+    return np.maximum(np.abs(u), np.abs(v)) <= 0.78
+  if shape == "triangle":
+    return (v <= 0.75) & (np.abs(u) <= (v + 0.95) * 0.57)
+  if shape == "diamond":
+    return np.abs(u) * 1.05 + np.abs(v) * 0.95 <= 1.0
+  if shape == "star":
+    return _in_polygon(u, v, _STAR)
+  if shape == "cross":
+    return ((np.abs(u) <= 0.3) & (np.abs(v) <= 0.95)) | ((np.abs(v) <= 0.3) & (np.abs(u) <= 0.95))
+  if shape == "heart":
+    x, y = u * 1.2, -v * 1.2 + 0.15
+    return (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0
+  if shape == "ring":
+    return (r2 <= 0.95 ** 2) & (r2 >= 0.5 ** 2)
+  if shape == "crescent":
+    return (r2 <= 0.95 ** 2) & ((u - 0.45) ** 2 + (v + 0.15) ** 2 >= 0.75 ** 2)
+  if shape == "hexagon":
+    return _in_polygon(u, v, _HEXAGON)
+  raise ValueError(f"unknown shape {shape!r}")
+
+
+_MASK_RES = 128  # raster samples across [-1, 1]
+_MASK_OFF = 96  # raster index of u = -1: a wide margin of "outside" so lookups never need clipping
+_MASKS: dict[str, np.ndarray] = {}
+
+
+def shape_mask(shape: str) -> np.ndarray:
+  """bool raster of a shape: [-1, 1]² sampled at 128², inside a margin of `False`; computed once."""
+  if shape not in _MASKS:
+    n = _MASK_RES + 2 * _MASK_OFF
+    g = ((np.arange(n, dtype=np.float32) - _MASK_OFF) + 0.5) / _MASK_RES * 2 - 1
+    u, v = np.meshgrid(g, g)
+    _MASKS[shape] = _inside(shape, u, v)
+  return _MASKS[shape]
+
+
+class _Draws:
+  """Consumes one pre-drawn vector of uniforms (one numpy call per scene keeps sampling cheap)."""
+
+  def __init__(self, u: np.ndarray):
+    self._u, self._i = u.tolist(), 0
+
+  def uniform(self, lo: float = 0.0, hi: float = 1.0) -> float:
+    x = self._u[self._i % len(self._u)]
+    self._i += 1
+    return lo + (hi - lo) * x
+
+  def integers(self, n: int) -> int:
+    return min(n - 1, int(self.uniform() * n))
+
+  def choice(self, p: np.ndarray) -> int:
+    x, acc = self.uniform(), 0.0
+    for i, pi in enumerate(p):
+      acc += pi
+      if x < acc:
+        return i
+    return len(p) - 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+class SyntheticShapes:
+  """Random-access procedural dataset (a grain data source); see the module docstring."""
+
+  def __init__(self, split: str = "train", *, seed: int = 0, image_size: int = 64, num_samples: int | None = None,
+               n_shapes: int = 8, n_colours: int = 8, n_holdout: int = 16,
+               object_probs: Sequence[float] = (0.6, 0.25, 0.15), supersample: int = 2,
+               p_synonym: float = 0.3, p_size_word: float = 0.25, p_position_word: float = 0.25,
+               texture_amplitude: float = 0.08, eval_per_class: int = 16):
+    if split not in SPLITS:
+      raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+    if not (1 <= n_shapes <= len(SHAPES) and 1 <= n_colours <= len(COLOURS)):
+      raise ValueError(f"at most {len(SHAPES)} shapes and {len(COLOURS)} colours")
+    self.split, self.seed, self.image_size = split, int(seed), int(image_size)
+    self.n_shapes, self.n_colours = n_shapes, n_colours
+    self.n_classes = n_shapes * n_colours
+    self.object_probs = np.asarray(object_probs, np.float64) / np.sum(object_probs)
+    self.max_objects = len(self.object_probs)
+    if self.max_objects > 3:
+      raise ValueError("at most 3 objects per image")
+    self.supersample = int(supersample)
+    self.p_synonym, self.p_size_word, self.p_position_word = p_synonym, p_size_word, p_position_word
+    self.texture_amplitude = texture_amplitude
+    held = heldout_pairs(n_shapes, n_colours, n_holdout)
+    self.unseen_classes = np.sort(held[:, 0] * n_colours + held[:, 1]).astype(np.int32)
+    self.seen_classes = np.setdiff1d(np.arange(self.n_classes), self.unseen_classes).astype(np.int32)
+    self._pool = {"train": self.seen_classes, "eval_seen": self.seen_classes,
+                  "eval_unseen": self.unseen_classes}[split]
+    if num_samples is None:
+      num_samples = (1 << 24) if split == "train" else eval_per_class * len(self._pool)
+    self.num_samples = int(num_samples)
+
+  # ---- metadata --------------------------------------------------------------------------------------------
+  def class_names(self) -> list[str]:
+    """Canonical '<colour> <shape>' name per class id."""
+    return [f"{COLOURS[c][0]} {SHAPES[s][0]}" for s in range(self.n_shapes) for c in range(self.n_colours)]
+
+  def shape_colour(self, class_id: int) -> tuple[int, int]:
+    return divmod(int(class_id), self.n_colours)
+
+  def __len__(self) -> int:
+    return self.num_samples
+
+  def scene(self, index: int) -> Scene:
+    """Samples the metadata of element `index` (deterministic, no rendering)."""
+    if not 0 <= index < self.num_samples:
+      raise IndexError(index)
+    d = _Draws(np.random.default_rng((self.seed, SPLITS.index(self.split), int(index))).random(160))
+    s = self.image_size
+    if self.split == "train":
+      k = d.choice(self.object_probs) + 1
+      classes = [int(self._pool[d.integers(len(self._pool))]) for _ in range(k)]
+    else:  # class-balanced single objects
+      k, classes = 1, [int(self._pool[index % len(self._pool)])]
+    centers, diams, size_ids = [], [], []
+    for _ in range(k):
+      for attempt in range(12):
+        size_id = d.integers(3) if k == 1 else d.integers(2)
+        lo, hi = _SIZE_RANGES[size_id]
+        diam = s * min(d.uniform(lo, hi), _MAX_DIAM[k]) * (0.93 ** attempt)
+        r = diam / 2
+        cx, cy = d.uniform(r + 0.5, s - r - 0.5), d.uniform(r + 0.5, s - r - 0.5)
+        if all(max(abs(cx - ox), abs(cy - oy)) >= r + od / 2 + 1.0 for (ox, oy), od in zip(centers, diams)):
+          break
+      centers.append((cx, cy))
+      diams.append(diam)
+      size_ids.append(size_id)
+    rgbs = []
+    for c in classes:
+      base = COLOURS[c % self.n_colours][1]
+      rgbs.append(tuple(min(255, max(0, v + d.integers(25) - 12)) for v in base))
+    caption = self._caption(d, classes, centers, size_ids)
+    background = (d.integers(4), d.uniform(0.35, 0.65), (d.uniform(-.04, .04), d.uniform(-.04, .04),
+                  d.uniform(-.04, .04)), d.uniform(0.3, 1.0) * self.texture_amplitude, d.uniform(0, np.pi),
+                  d.uniform(2.0, 6.0), d.uniform(0, 2 * np.pi))
+    return Scene(tuple(classes), tuple(centers), tuple(diams), tuple(rgbs), caption,
+                 content_label(classes, self.n_classes), background, d.integers(1 << 31))
+
+  def _caption(self, d: _Draws, classes, centers, size_ids) -> str:
+    phrases = []
+    for c, (cx, cy), size_id in zip(classes, centers, size_ids):
+      sh, co = self.shape_colour(c)
+      shape_syn, colour_syn = SHAPES[sh][1], COLOURS[co][2]
+      shape = shape_syn[1 + d.integers(len(shape_syn) - 1)] if (
+          len(shape_syn) > 1 and d.uniform() < self.p_synonym) else shape_syn[0]
+      colour = colour_syn[1 + d.integers(len(colour_syn) - 1)] if (
+          len(colour_syn) > 1 and d.uniform() < self.p_synonym) else colour_syn[0]
+      words = [colour, shape]
+      if d.uniform() < self.p_size_word:
+        syn = SIZE_WORDS[size_id]
+        words.insert(0, syn[d.integers(len(syn))])
+      phrase = f"{_article(words[0])} {' '.join(words)}"
+      if d.uniform() < self.p_position_word:
+        phrase += " " + self._position_words(cx, cy)
+      phrases.append(phrase)
+    if len(phrases) == 1:
+      body = phrases[0]
+    else:
+      body = ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return PREFIXES[d.integers(len(PREFIXES))] + body + SUFFIXES[d.integers(len(SUFFIXES))]
+
+  def _position_words(self, cx: float, cy: float) -> str:
+    s = self.image_size
+    h = "left" if cx < s / 3 else "right" if cx > 2 * s / 3 else ""
+    v = "top" if cy < s / 3 else "bottom" if cy > 2 * s / 3 else ""
+    if h and v:
+      return f"in the {v} {h}"
+    if h:
+      return f"on the {h}"
+    if v:
+      return f"at the {v}"
+    return "in the center"
+
+  # ---- rendering -------------------------------------------------------------------------------------------
+  def _grid(self):
+    if not hasattr(self, "_xy"):
+      y, x = np.mgrid[0:self.image_size, 0:self.image_size].astype(np.float32) / self.image_size
+      self._xy = (x, y, np.hypot(x - 0.5, y - 0.5))
+    return self._xy
+
+  def _background(self, scene: Scene) -> np.ndarray:
+    s = self.image_size
+    kind, grey, tint, amp, angle, freq, phase = scene.background
+    x, y, radius = self._grid()
+    if kind == 0:  # smooth noise: a coarse random grid, bilinearly upsampled
+      g = np.random.default_rng(scene.seed_bits).uniform(-1, 1, (6, 6)).astype(np.float32)
+      gx, gy = x * 5, y * 5
+      i, j = gy.astype(np.int32), gx.astype(np.int32)
+      fy, fx = gy - i, gx - j
+      tex = (g[i, j] * (1 - fy) * (1 - fx) + g[i + 1, j] * fy * (1 - fx) + g[i, j + 1] * (1 - fy) * fx
+             + g[i + 1, j + 1] * fy * fx)
+    elif kind == 1:  # stripes
+      tex = np.sin((2 * np.pi * freq) * (x * np.cos(angle) + y * np.sin(angle)) + phase)
+    elif kind == 2:  # checkerboard
+      p = max(2, int(s / (2 * freq)))
+      tex = ((((x * s).astype(np.int32) // p + (y * s).astype(np.int32) // p) % 2) * 2 - 1).astype(np.float32)
+    else:  # concentric waves
+      tex = np.sin((4 * np.pi * freq) * radius + phase)
+    base = grey + np.asarray(tint, np.float32)
+    return np.clip(base[None, None, :] + amp * tex[..., None], 0, 1).astype(np.float32)
+
+  def render(self, scene: Scene, masks: bool = True) -> dict:
+    """Pixels and masks of a scene (see the module docstring for the element format); `masks=False` skips
+    classes/boxes/masks (the training input needs only image, caption and label)."""
+    s, ss = self.image_size, self.supersample
+    img = self._background(scene)
+    inst = np.zeros((s, s), np.int32)
+    sub = (np.arange(ss, dtype=np.float32) + 0.5) / ss
+    for k, (c, (cx, cy), d, rgb) in enumerate(zip(scene.classes, scene.centers, scene.diameters, scene.rgbs)):
+      r = d / 2
+      x0, x1 = max(0, int(np.floor(cx - r))), min(s, int(np.ceil(cx + r)))
+      y0, y1 = max(0, int(np.floor(cy - r))), min(s, int(np.ceil(cy + r)))
+      # supersampled pixel centres -> indices into the shape's padded raster (the pad is outside the shape)
+      scale = _MASK_RES / (2 * r)
+      iu = ((np.arange(x0, x1, dtype=np.float32)[:, None] + sub).reshape(-1) - cx) * scale + _MASK_OFF
+      iv = ((np.arange(y0, y1, dtype=np.float32)[:, None] + sub).reshape(-1) - cy) * scale + _MASK_OFF
+      raster = shape_mask(SHAPES[c // self.n_colours][0])
+      inside = raster[iv.astype(np.int32)[:, None], iu.astype(np.int32)[None, :]]
+      alpha = inside.reshape(y1 - y0, ss, x1 - x0, ss).mean(axis=(1, 3), dtype=np.float32)[..., None]
+      col = np.asarray(rgb, np.float32) / 255.0
+      img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - alpha) + alpha * col
+      if masks:
+        inst[y0:y1, x0:x1][alpha[..., 0] >= 0.5] = k + 1
+    image = (img * 255.0 + 0.5).astype(np.uint8)
+    if not masks:
+      return {"image": image, "caption": scene.caption, "label": np.int32(scene.label)}
+    kmax = self.max_objects
+    classes = np.full((kmax,), -1, np.int32)
+    classes[:len(scene.classes)] = scene.classes
+    boxes = np.zeros((kmax, 4), np.float32)
+    for k in range(len(scene.classes)):
+      ys, xs = np.nonzero(inst == k + 1)
+      if len(xs):
+        boxes[k] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    sem = np.where(inst > 0, classes[np.maximum(inst - 1, 0)] + 1, 0).astype(np.int32)
+    return {"image": image, "caption": scene.caption,
+            "label": np.int32(scene.label), "classes": classes, "boxes": boxes,
+            "instance_mask": inst, "semantic_mask": sem}
+
+  def __getitem__(self, index: int) -> dict:
+    return self.render(self.scene(int(index)))

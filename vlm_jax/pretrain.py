@@ -27,20 +27,27 @@ def parse_flags(argv: list[str]) -> None:
   """absl flag parsing with user errors reported as one line (exit 2) instead of absl's usage dump."""
   try:
     FLAGS(argv)
-  except flags.Error as e:
-    raise UserError(str(e).splitlines()[0]) from None
   except UserError:
     raise
-  except (FileNotFoundError, IOError) as e:
-    raise UserError(f"cannot read config: {e}") from None
+  except Exception as e:  # flags and --config.key=value overrides are user input
+    cause = e.__cause__ or e.__context__
+    if isinstance(cause, UserError):
+      raise cause from None
+    raise UserError("bad command line: " + " ".join(str(e).split())[:300]) from None
   if _WORKDIR.value is None:
     raise UserError("--workdir is required")
   try:
-    config = _CONFIG.value
-  except (AttributeError, KeyError, ValueError) as e:
-    raise UserError(f"bad config: {e}") from None
-  if config is None:
-    raise UserError("--config is required, e.g. --config=configs/pretrain/clip.py:tiny")
+    config = _CONFIG.value  # config files load lazily: force it here so their errors are reported as such
+    if config is None:
+      raise UserError("--config is required, e.g. --config=configs/pretrain/clip.py:tiny")
+    config.to_dict()
+  except UserError:
+    raise
+  except Exception as e:  # a config file is user input: any failure to load it is the user's to fix
+    cause = e.__cause__ or e.__context__
+    if isinstance(cause, UserError):
+      raise cause from None
+    raise UserError("cannot load config: " + " ".join(str(e).split())[:300]) from None
 
 
 @exit_on_user_error

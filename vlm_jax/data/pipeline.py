@@ -67,9 +67,18 @@ def _options(data_config) -> dict:
   return cfg
 
 
-def make_source(data_config, split: str, *, image_size: int) -> synthetic.SyntheticShapes:
+def _image_size(cfg: dict, image_size: int | None) -> int:
+  size = image_size if image_size is not None else cfg.get("image_size")
+  if not size or int(size) < 8:
+    raise UserError(f"data image_size must be an integer >= 8, got {size!r}")
+  return int(size)
+
+
+def make_source(data_config, split: str, *, image_size: int | None = None) -> synthetic.SyntheticShapes:
   """The random-access source of `split` ('train', 'eval_seen', 'eval_unseen') described by data_config."""
-  opts = _plain(_options(data_config).get("synthetic"))
+  cfg = _options(data_config)
+  image_size = _image_size(cfg, image_size)
+  opts = _plain(cfg.get("synthetic"))
   if "image_size" in opts:
     raise UserError("set the resolution with the model/pipeline image_size, not data.synthetic.image_size")
   try:
@@ -185,7 +194,7 @@ def _eval_arrays(data_key: str, split: str, image_size: int) -> dict[str, np.nda
           "class": classes}
 
 
-def make_eval_arrays(data_config, split: str, *, image_size: int) -> dict[str, np.ndarray]:
+def make_eval_arrays(data_config, split: str, *, image_size: int | None = None) -> dict[str, np.ndarray]:
   """Normalised single-object images of an eval split with their class ids: {'image' [N,S,S,3], 'class' [N]}.
 
   'eval_seen' / 'eval_unseen' hold data.synthetic.eval_per_class images per seen / held-out class. Cached
@@ -196,13 +205,8 @@ def make_eval_arrays(data_config, split: str, *, image_size: int) -> dict[str, n
     raise UserError(f"unknown eval split {split!r}; use 'eval_seen' or 'eval_unseen'")
   cfg = _options(data_config)
   key = json.dumps(cfg, sort_keys=True, default=list)
-  out = _eval_arrays(key, split, int(image_size))
+  out = _eval_arrays(key, split, _image_size(cfg, image_size))
   return {k: v.copy() for k, v in out.items()}
-
-
-def class_names(data_config, *, image_size: int = 32) -> list[str]:
-  """Canonical '<colour> <shape>' name of every class id of the configured dataset."""
-  return make_source(data_config, "eval_seen", image_size=image_size).class_names()
 
 
 def dataset_info(data_config) -> Mapping[str, Any]:

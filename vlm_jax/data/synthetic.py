@@ -64,9 +64,9 @@ SIZE_WORDS = {0: ("small", "tiny", "little"), 1: ("medium", "mid-sized"), 2: ("l
 PREFIXES = ("", "a photo of ", "a picture of ", "an image of ", "there is ", "a rendering of ")
 SUFFIXES = ("", "", "", " on a textured background")
 SPLITS = ("train", "eval_seen", "eval_unseen")
-# relative diameter ranges (fraction of the image side) per size class, and the cap per object count
+# relative diameter ranges (fraction of the image side) per size class: small, medium, large
 _SIZE_RANGES = ((0.30, 0.38), (0.40, 0.50), (0.52, 0.66))
-_MAX_DIAM = {1: 0.66, 2: 0.48, 3: 0.40}
+_MULTI_MAX_DIAM = 0.45  # objects of multi-object images sit in distinct quadrants
 
 
 def _article(word: str) -> str:
@@ -189,6 +189,7 @@ def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 _MASK_RES = 128  # raster samples across [-1, 1]
 _MASK_OFF = 96  # raster index of u = -1: a wide margin of "outside" so lookups never need clipping
+_MASK_MID = _MASK_OFF + _MASK_RES // 2  # raster index of the shape centre (u = 0)
 _MASKS: dict[str, np.ndarray] = {}
 
 
@@ -203,13 +204,16 @@ def shape_mask(shape: str) -> np.ndarray:
 
 
 class _Draws:
-  """Consumes one pre-drawn vector of uniforms (one numpy call per scene keeps sampling cheap)."""
+  """Uniforms drawn from a generator in blocks (few numpy calls per scene keep sampling cheap)."""
 
-  def __init__(self, u: np.ndarray):
-    self._u, self._i = u.tolist(), 0
+  def __init__(self, rng: np.random.Generator, block: int = 128):
+    self._rng, self._block = rng, block
+    self._u, self._i = [], 0
 
   def uniform(self, lo: float = 0.0, hi: float = 1.0) -> float:
-    x = self._u[self._i % len(self._u)]
+    if self._i == len(self._u):
+      self._u, self._i = self._rng.random(self._block).tolist(), 0
+    x = self._u[self._i]
     self._i += 1
     return lo + (hi - lo) * x
 
@@ -273,7 +277,7 @@ class SyntheticShapes:
     """Samples the metadata of element `index` (deterministic, no rendering)."""
     if not 0 <= index < self.num_samples:
       raise IndexError(index)
-    d = _Draws(np.random.default_rng((self.seed, SPLITS.index(self.split), int(index))).random(160))
+    d = _Draws(np.random.default_rng((self.seed, SPLITS.index(self.split), int(index))))
     s = self.image_size
     if self.split == "train":
       k = d.choice(self.object_probs) + 1
@@ -281,18 +285,21 @@ class SyntheticShapes:
     else:  # class-balanced single objects
       k, classes = 1, [int(self._pool[index % len(self._pool)])]
     centers, diams, size_ids = [], [], []
-    for _ in range(k):
-      for attempt in range(12):
-        size_id = d.integers(3) if k == 1 else d.integers(2)
-        lo, hi = _SIZE_RANGES[size_id]
-        diam = s * min(d.uniform(lo, hi), _MAX_DIAM[k]) * (0.93 ** attempt)
-        r = diam / 2
-        cx, cy = d.uniform(r + 0.5, s - r - 0.5), d.uniform(r + 0.5, s - r - 0.5)
-        if all(max(abs(cx - ox), abs(cy - oy)) >= r + od / 2 + 1.0 for (ox, oy), od in zip(centers, diams)):
-          break
-      centers.append((cx, cy))
-      diams.append(diam)
-      size_ids.append(size_id)
+    if k == 1:  # anywhere, any size
+      size_ids.append(d.integers(3))
+      diams.append(s * d.uniform(*_SIZE_RANGES[size_ids[0]]))
+      r = diams[0] / 2
+      centers.append((d.uniform(r + 0.5, s - r - 0.5), d.uniform(r + 0.5, s - r - 0.5)))
+    else:  # k distinct quadrants, each object inside its own: no overlap, no occlusion
+      cells = [0, 1, 2, 3]
+      for j in range(k):
+        q = cells.pop(d.integers(len(cells)))
+        size_ids.append(d.integers(2))
+        diam = s * min(d.uniform(*_SIZE_RANGES[size_ids[-1]]), _MULTI_MAX_DIAM)
+        r, half = diam / 2, s / 2
+        ox, oy = (q % 2) * half, (q // 2) * half
+        centers.append((ox + d.uniform(r + 0.5, half - r - 0.5), oy + d.uniform(r + 0.5, half - r - 0.5)))
+        diams.append(diam)
     rgbs = []
     for c in classes:
       base = COLOURS[c % self.n_colours][1]
@@ -314,18 +321,21 @@ class SyntheticShapes:
       colour = colour_syn[1 + d.integers(len(colour_syn) - 1)] if (
           len(colour_syn) > 1 and d.uniform() < self.p_synonym) else colour_syn[0]
       words = [colour, shape]
-      if d.uniform() < self.p_size_word:
+      if d.uniform() < self.p_size_word / len(classes):
         syn = SIZE_WORDS[size_id]
         words.insert(0, syn[d.integers(len(syn))])
       phrase = f"{_article(words[0])} {' '.join(words)}"
-      if d.uniform() < self.p_position_word:
+      if d.uniform() < self.p_position_word / len(classes):
         phrase += " " + self._position_words(cx, cy)
       phrases.append(phrase)
     if len(phrases) == 1:
       body = phrases[0]
     else:
       body = ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    return PREFIXES[d.integers(len(PREFIXES))] + body + SUFFIXES[d.integers(len(SUFFIXES))]
+    # multi-object captions stay short (they must fit a 16-token context): no suffix, and no prefix for three
+    prefix = PREFIXES[d.integers(len(PREFIXES))] if len(classes) < 3 else ""
+    suffix = SUFFIXES[d.integers(len(SUFFIXES))] if len(classes) == 1 else ""
+    return prefix + body + suffix
 
   def _position_words(self, cx: float, cy: float) -> str:
     s = self.image_size
@@ -380,8 +390,8 @@ class SyntheticShapes:
       y0, y1 = max(0, int(np.floor(cy - r))), min(s, int(np.ceil(cy + r)))
       # supersampled pixel centres -> indices into the shape's padded raster (the pad is outside the shape)
       scale = _MASK_RES / (2 * r)
-      iu = ((np.arange(x0, x1, dtype=np.float32)[:, None] + sub).reshape(-1) - cx) * scale + _MASK_OFF
-      iv = ((np.arange(y0, y1, dtype=np.float32)[:, None] + sub).reshape(-1) - cy) * scale + _MASK_OFF
+      iu = ((np.arange(x0, x1, dtype=np.float32)[:, None] + sub).reshape(-1) - cx) * scale + _MASK_MID
+      iv = ((np.arange(y0, y1, dtype=np.float32)[:, None] + sub).reshape(-1) - cy) * scale + _MASK_MID
       raster = shape_mask(SHAPES[c // self.n_colours][0])
       inside = raster[iv.astype(np.int32)[:, None], iu.astype(np.int32)[None, :]]
       alpha = inside.reshape(y1 - y0, ss, x1 - x0, ss).mean(axis=(1, 3), dtype=np.float32)[..., None]

@@ -70,7 +70,8 @@ def tiny_run() -> dict:
   """Run settings of the embedded synthetic default (2-core CPU, `make demo`)."""
   return dict(
       batch_size=256, total_steps=1200, log_every_steps=20, eval_every_steps=0, checkpoint_every_steps=400,
-      data=ml_collections.ConfigDict({"name": "synthetic", "image_size": 32, "synthetic": {}}),
+      data=ml_collections.ConfigDict({"name": "synthetic", "shards": "", "image_size": 32, "synthetic": {},
+                                      "num_threads": 2, "prefetch_buffer_size": 2}),
       tokenizer=ml_collections.ConfigDict({"name": "words", "max_len": 16}),
       optimizer=ml_collections.ConfigDict({
           "name": "adamw", "lr": 1e-3, "b1": 0.9, "b2": 0.98, "eps": 1e-6, "weight_decay": 0.05,

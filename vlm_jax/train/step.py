@@ -80,7 +80,7 @@ def make_train_step(model: nn.Module, loss_fn: LossFn, tx: optax.GradientTransfo
         opt_state=optim.select_tree(finite, new_opt_state, state.opt_state),
         skipped_steps=state.skipped_steps + (1 - finite.astype(jnp.int32)))
     metrics = dict(metrics)
-    metrics.update(loss=loss, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step),
+    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step),
                    skipped_steps=new_state.skipped_steps, step_finite=finite)
     return new_state, metrics
 

@@ -39,6 +39,9 @@ def lit_init(config):
   """`params_override` copying `config.init.params` (regex) from `config.init.checkpoint` (LiT), or None."""
   src = config.init.get("checkpoint")
   if not src:
+    if config.init.get("required"):
+      raise UserError("this config initialises from a checkpoint: pass --config.init.checkpoint=DIR "
+                      "(a vlm_jax workdir or converted model)")
     return None
   pattern = config.init.get("params") or ".*"
 

@@ -48,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
   c.partitioning = ml_collections.ConfigDict({"rules": None})  # None: vlm_jax.parallel.partitioning.DEFAULT_RULES
   c.frozen = ""                 # regex over '/'-joined parameter paths; matches get no gradient (LiT)
-  c.init = ml_collections.ConfigDict({"checkpoint": "", "params": ""})  # copy matching params from a run
+  c.init = ml_collections.ConfigDict({"checkpoint": "", "params": "", "required": False})  # copy params from a run
   c.optimizer = ml_collections.ConfigDict({
       "name": "adamw", "lr": 1e-3, "b1": 0.9, "b2": 0.98, "eps": 1e-6, "weight_decay": 0.2,
       "wd_mask": r"(^|/)kernel$", "clip_norm": 1.0, "schedule": "cosine", "warmup_steps": 100,

@@ -133,3 +133,12 @@ def test_sharded_training_matches_data_parallel(tmp_path, mesh):
   a, b = th.losses(str(tmp_path / "dp")), th.losses(str(tmp_path / "sharded"))
   np.testing.assert_allclose([l for _, l in a], [l for _, l in b], rtol=2e-5)
   assert dp["step"] == sh["step"] == 3
+
+
+def test_checkpoint_of_another_architecture_is_a_user_error(tmp_path):
+  from vlm_jax.errors import UserError
+  wd = str(tmp_path / "run")
+  runner.pretrain(th.micro_config(total_steps=2), wd, quiet=True)
+  wider = th.micro_config(total_steps=4, **{"model.text.width": 48})
+  with pytest.raises(UserError, match="another architecture"):
+    runner.pretrain(wider, wd, quiet=True)

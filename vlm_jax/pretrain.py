@@ -59,8 +59,21 @@ def run(argv: list[str] | None = None) -> dict:
   from vlm_jax import runner
   config = _CONFIG.value
   result = runner.pretrain(config, _WORKDIR.value)
-  print(json.dumps({k: v for k, v in result.items()}, sort_keys=True), flush=True)
+  summary = zeroshot_summary(result)
+  if summary:
+    print(summary, flush=True)
+  print(json.dumps(result, sort_keys=True), flush=True)
   return result
+
+
+def zeroshot_summary(metrics: dict) -> str | None:
+  """A human line for the synthetic zero-shot results (seen / unseen pairs), with chance beside them."""
+  if "zeroshot/seen_top1" not in metrics:
+    return None
+  chance = metrics.get("zeroshot/chance", float("nan"))
+  return (f"zero-shot top-1 on held-out images: seen pairs {100 * metrics['zeroshot/seen_top1']:.1f}% | "
+          f"unseen pairs {100 * metrics['zeroshot/unseen_top1']:.1f}% | chance {100 * chance:.1f}% "
+          f"(step {metrics.get('step')})")
 
 
 if __name__ == "__main__":

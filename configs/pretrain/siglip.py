@@ -8,17 +8,11 @@ from vlm_jax.train import config_base as cb
 
 
 def get_config(arg: str = "tiny"):
-  a = cb.parse_arg(arg, variant="full", img="B/16", txt="B", res=224, embed=768)
-  c = cb.base_config()
+  c, a = cb.two_tower(arg, embed=768)
   c.objectives = {"siglip": 1.0}
-  if a.variant == "tiny":
-    c.update(cb.tiny_run())
-    c.model = cb.tiny_model()
-  else:
-    c.update(cb.full_run(a.res))
-    c.model = cb.vit_text_model(a.img, a.txt, a.res, a.embed)
-    c.model.image.pool_type = "map"       # SigLIP's image tower pools with a MAP head
-    c.optimizer.lr, c.optimizer.weight_decay, c.optimizer.b2 = 1e-3, 1e-4, 0.95
   c.model.logit_scale_init = cb.SIGLIP_LOGIT_SCALE_INIT
   c.model.logit_bias_init = cb.SIGLIP_LOGIT_BIAS_INIT
+  if a.variant != "tiny":
+    c.model.image.pool_type = "map"       # SigLIP's image tower pools with a MAP head
+    c.optimizer.lr, c.optimizer.weight_decay, c.optimizer.b2 = 1e-3, 1e-4, 0.95
   return c

@@ -113,3 +113,19 @@ def vit_text_model(img: str, txt: str, res: int, embed: int) -> ml_collections.C
       "embed_dim": embed, "logit_scale_init": CLIP_LOGIT_SCALE_INIT, "logit_bias_init": None,
       "simclr_head": None, "flip_mask_ratio": 0.0, "scan": True, "remat": "dots_with_no_batch_dims_saveable",
       "dtype": "bfloat16", "param_dtype": "float32"})
+
+
+def two_tower(arg: str | None, *, embed: int = 512):
+  """(config, args) of a two-tower run from a config file's argument.
+
+  'tiny' gives the synthetic CPU default; otherwise 'img=B/16,txt=B,res=224,embed=512' picks the towers.
+  """
+  a = parse_arg(arg, variant="full", img="B/16", txt="B", res=224, embed=embed)
+  c = base_config()
+  if a.variant == "tiny":
+    c.update(tiny_run())
+    c.model = tiny_model()
+  else:
+    c.update(full_run(a.res))
+    c.model = vit_text_model(a.img, a.txt, a.res, a.embed)
+  return c, a

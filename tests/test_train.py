@@ -38,7 +38,7 @@ def test_resume_after_checkpoint_equals_uninterrupted(tmp_path):
 
 
 def test_sigterm_checkpoints_and_resume_is_exact(tmp_path):
-  overrides = dict(th.MICRO_OVERRIDES, total_steps=150)
+  overrides = {"total_steps": 150}
   ref = str(tmp_path / "ref")
   r = th.run_cli(th.pretrain_cmd(ref, overrides=overrides))
   assert r.returncode == 0, r.stderr[-2000:]

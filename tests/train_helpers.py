@@ -18,20 +18,10 @@ def load_config(path: str, arg: str = "tiny"):
   return mod.get_config(arg)
 
 
-MICRO_OVERRIDES = {
-    "batch_size": 16, "total_steps": 6, "log_every_steps": 1, "checkpoint_every_steps": 1000,
-    "data.image_size": 16, "model.image.image_size": 16, "model.image.patch_size": 4, "model.image.width": 32,
-    "model.image.depth": 1, "model.image.mlp_dim": 64, "model.image.num_heads": 2, "model.text.width": 32,
-    "model.text.depth": 1, "model.text.mlp_dim": 64, "model.text.num_heads": 2, "model.embed_dim": 16,
-    "optimizer.warmup_steps": 2, "data.num_threads": 1,
-}
-
-
 def micro_config(path: str = "configs/pretrain/clip.py", **overrides):
-  """The tiny config shrunk to seconds per run (16 px, one layer per tower, batch 16, no evals)."""
-  c = load_config(path, "tiny")
-  c.evals = {}
-  for k, v in {**MICRO_OVERRIDES, **overrides}.items():
+  """The `micro` variant of a config (16 px, one-layer towers, batch 16, no evals) plus dotted overrides."""
+  c = load_config(path, "micro")
+  for k, v in overrides.items():
     node = c
     *parents, leaf = k.split(".")
     for p in parents:
@@ -53,9 +43,9 @@ def env(devices: int = 8, **extra) -> dict:
   return e
 
 
-def pretrain_cmd(workdir: str, config: str = "configs/pretrain/clip.py:tiny", overrides: dict | None = None):
+def pretrain_cmd(workdir: str, config: str = "configs/pretrain/clip.py:micro", overrides: dict | None = None):
   return [sys.executable, "-m", "vlm_jax.pretrain", f"--config={config}", f"--workdir={workdir}",
-          *cli_flags(overrides if overrides is not None else MICRO_OVERRIDES)]
+          *cli_flags(overrides or {})]
 
 
 def run_cli(args: list[str], *, devices: int = 8, timeout: int = 300, **extra_env):

@@ -34,6 +34,8 @@ from typing import Sequence
 
 import numpy as np
 
+from vlm_jax.errors import UserError
+
 # name, caption synonyms (the first is canonical and is the one used in zero-shot prompts)
 SHAPES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("circle", ("circle", "disk")),
@@ -67,6 +69,7 @@ SPLITS = ("train", "eval_seen", "eval_unseen")
 # relative diameter ranges (fraction of the image side) per size class: small, medium, large
 _SIZE_RANGES = ((0.30, 0.38), (0.40, 0.50), (0.52, 0.66))
 _MULTI_MAX_DIAM = 0.45  # objects of multi-object images sit in distinct quadrants
+N_TEXTURES = 256  # background textures per source (each scene adds its own grey level, tint and contrast)
 
 
 def _article(word: str) -> str:
@@ -94,14 +97,22 @@ def vocabulary(n_shapes: int = len(SHAPES), n_colours: int = len(COLOURS)) -> tu
 def heldout_pairs(n_shapes: int = 8, n_colours: int = 8, n_holdout: int = 16) -> np.ndarray:
   """Held-out (shape, colour) pairs [n_holdout, 2], spread evenly: shape s misses colours s + j·n_colours/h.
 
-  With h = n_holdout / n_shapes per shape (2 for 8×8/16), every colour is also missed by exactly h shapes,
-  so each shape and colour keeps n − h partners in training.
+  h = n_holdout / n_shapes pairs per shape (2 for 8×8/16); with as many colours as shapes every colour is
+  also missed by exactly h shapes, so each shape and colour keeps n − h partners in training. Raises
+  `UserError` unless every shape and every colour keeps at least two training partners.
   """
-  if n_holdout % n_shapes or n_holdout // n_shapes >= n_colours:
-    raise ValueError(f"n_holdout={n_holdout} must be a multiple of n_shapes={n_shapes} and leave colours")
+  if n_holdout % n_shapes:
+    raise UserError(f"n_holdout={n_holdout} must be a multiple of n_shapes={n_shapes}")
   h = n_holdout // n_shapes
-  step = n_colours // h if h else 1
-  return np.array([(s, (s + j * step) % n_colours) for s in range(n_shapes) for j in range(h)], np.int32)
+  step = max(n_colours // h, 1) if h else 1
+  pairs = np.array([(s, (s + j * step) % n_colours) for s in range(n_shapes) for j in range(h)],
+                   np.int32).reshape(-1, 2)
+  seen = np.ones((n_shapes, n_colours), bool)
+  seen[pairs[:, 0], pairs[:, 1]] = False
+  if len({tuple(p) for p in pairs}) != len(pairs) or seen.sum(1).min() < 2 or seen.sum(0).min() < 2:
+    raise UserError(f"n_holdout={n_holdout} leaves some shape or colour of {n_shapes}×{n_colours} with fewer "
+                    "than two training partners")
+  return pairs
 
 
 def content_label(classes: Sequence[int], n_classes: int) -> int:
@@ -127,8 +138,7 @@ class Scene:
   rgbs: tuple[tuple[int, int, int], ...]
   caption: str
   label: int
-  background: tuple  # (kind, grey, tint rgb, amplitude, params…)
-  seed_bits: int  # seeds the background noise
+  background: tuple  # (texture id, grey level, rgb tint, texture amplitude)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -240,16 +250,16 @@ class SyntheticShapes:
                p_synonym: float = 0.3, p_size_word: float = 0.25, p_position_word: float = 0.25,
                texture_amplitude: float = 0.08, eval_per_class: int = 16):
     if split not in SPLITS:
-      raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
-    if not (1 <= n_shapes <= len(SHAPES) and 1 <= n_colours <= len(COLOURS)):
-      raise ValueError(f"at most {len(SHAPES)} shapes and {len(COLOURS)} colours")
+      raise UserError(f"unknown split {split!r}; use one of {SPLITS}")
+    if not (2 <= n_shapes <= len(SHAPES) and 2 <= n_colours <= len(COLOURS)):
+      raise UserError(f"n_shapes must be in [2, {len(SHAPES)}] and n_colours in [2, {len(COLOURS)}]")
     self.split, self.seed, self.image_size = split, int(seed), int(image_size)
     self.n_shapes, self.n_colours = n_shapes, n_colours
     self.n_classes = n_shapes * n_colours
     self.object_probs = np.asarray(object_probs, np.float64) / np.sum(object_probs)
     self.max_objects = len(self.object_probs)
-    if self.max_objects > 3:
-      raise ValueError("at most 3 objects per image")
+    if not 1 <= self.max_objects <= 3 or np.any(self.object_probs < 0):
+      raise UserError(f"object_probs gives P(1), P(2), P(3 objects); got {tuple(object_probs)}")
     self.supersample = int(supersample)
     self.p_synonym, self.p_size_word, self.p_position_word = p_synonym, p_size_word, p_position_word
     self.texture_amplitude = texture_amplitude
@@ -305,11 +315,11 @@ class SyntheticShapes:
       base = COLOURS[c % self.n_colours][1]
       rgbs.append(tuple(min(255, max(0, v + d.integers(25) - 12)) for v in base))
     caption = self._caption(d, classes, centers, size_ids)
-    background = (d.integers(4), d.uniform(0.35, 0.65), (d.uniform(-.04, .04), d.uniform(-.04, .04),
-                  d.uniform(-.04, .04)), d.uniform(0.3, 1.0) * self.texture_amplitude, d.uniform(0, np.pi),
-                  d.uniform(2.0, 6.0), d.uniform(0, 2 * np.pi))
+    background = (d.integers(N_TEXTURES), d.uniform(0.35, 0.65),
+                  (d.uniform(-.04, .04), d.uniform(-.04, .04), d.uniform(-.04, .04)),
+                  d.uniform(0.3, 1.0) * self.texture_amplitude)
     return Scene(tuple(classes), tuple(centers), tuple(diams), tuple(rgbs), caption,
-                 content_label(classes, self.n_classes), background, d.integers(1 << 31))
+                 content_label(classes, self.n_classes), background)
 
   def _caption(self, d: _Draws, classes, centers, size_ids) -> str:
     phrases = []
@@ -350,32 +360,45 @@ class SyntheticShapes:
     return "in the center"
 
   # ---- rendering -------------------------------------------------------------------------------------------
-  def _grid(self):
-    if not hasattr(self, "_xy"):
-      y, x = np.mgrid[0:self.image_size, 0:self.image_size].astype(np.float32) / self.image_size
-      self._xy = (x, y, np.hypot(x - 0.5, y - 0.5))
-    return self._xy
+  def _textures(self) -> np.ndarray:
+    """N_TEXTURES unit textures [N, S, S] in [-1, 1], built once per source from its seed: smooth noise,
+    stripes, checkerboards and concentric waves of random scale, angle and phase."""
+    if getattr(self, "_tex", None) is None:
+      s = self.image_size
+      rng = np.random.default_rng((self.seed, 7919, s))
+      y, x = np.mgrid[0:s, 0:s].astype(np.float32) / s
+      bank = np.empty((N_TEXTURES, s, s), np.float32)
+      for t in range(N_TEXTURES):
+        kind, freq, angle, phase = t % 4, rng.uniform(2.0, 6.0), rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+        if kind == 0:  # smooth noise: a coarse random grid, bilinearly upsampled
+          g = rng.uniform(-1, 1, (6, 6)).astype(np.float32)
+          gx, gy = x * 5, y * 5
+          i, j = gy.astype(np.int32), gx.astype(np.int32)
+          fy, fx = gy - i, gx - j
+          bank[t] = (g[i, j] * (1 - fy) * (1 - fx) + g[i + 1, j] * fy * (1 - fx) + g[i, j + 1] * (1 - fy) * fx
+                     + g[i + 1, j + 1] * fy * fx)
+        elif kind == 1:  # stripes
+          bank[t] = np.sin((2 * np.pi * freq) * (x * np.cos(angle) + y * np.sin(angle)) + phase)
+        elif kind == 2:  # checkerboard
+          p = max(2, int(s / (2 * freq)))
+          bank[t] = (((x * s).astype(np.int32) // p + (y * s).astype(np.int32) // p) % 2) * 2 - 1
+        else:  # concentric waves
+          bank[t] = np.sin((4 * np.pi * freq) * np.hypot(x - 0.5, y - 0.5) + phase)
+      self._tex = bank
+    return self._tex
+
+  def _subpixels(self) -> np.ndarray:
+    """x (or y) coordinates of the supersampling points, [S * supersample], pixel i covering [i, i + 1)."""
+    if getattr(self, "_sub", None) is None:
+      ss = self.supersample
+      self._sub = ((np.arange(self.image_size, dtype=np.float32)[:, None]
+                    + (np.arange(ss, dtype=np.float32) + 0.5) / ss).reshape(-1))
+    return self._sub
 
   def _background(self, scene: Scene) -> np.ndarray:
-    s = self.image_size
-    kind, grey, tint, amp, angle, freq, phase = scene.background
-    x, y, radius = self._grid()
-    if kind == 0:  # smooth noise: a coarse random grid, bilinearly upsampled
-      g = np.random.default_rng(scene.seed_bits).uniform(-1, 1, (6, 6)).astype(np.float32)
-      gx, gy = x * 5, y * 5
-      i, j = gy.astype(np.int32), gx.astype(np.int32)
-      fy, fx = gy - i, gx - j
-      tex = (g[i, j] * (1 - fy) * (1 - fx) + g[i + 1, j] * fy * (1 - fx) + g[i, j + 1] * (1 - fy) * fx
-             + g[i + 1, j + 1] * fy * fx)
-    elif kind == 1:  # stripes
-      tex = np.sin((2 * np.pi * freq) * (x * np.cos(angle) + y * np.sin(angle)) + phase)
-    elif kind == 2:  # checkerboard
-      p = max(2, int(s / (2 * freq)))
-      tex = ((((x * s).astype(np.int32) // p + (y * s).astype(np.int32) // p) % 2) * 2 - 1).astype(np.float32)
-    else:  # concentric waves
-      tex = np.sin((4 * np.pi * freq) * radius + phase)
-    base = grey + np.asarray(tint, np.float32)
-    return np.clip(base[None, None, :] + amp * tex[..., None], 0, 1).astype(np.float32)
+    tex_id, grey, tint, amp = scene.background
+    base = np.asarray(tint, np.float32) + np.float32(grey)
+    return np.clip(base + np.float32(amp) * self._textures()[tex_id][..., None], 0.0, 1.0)
 
   def render(self, scene: Scene, masks: bool = True) -> dict:
     """Pixels and masks of a scene (see the module docstring for the element format); `masks=False` skips
@@ -383,18 +406,19 @@ class SyntheticShapes:
     s, ss = self.image_size, self.supersample
     img = self._background(scene)
     inst = np.zeros((s, s), np.int32)
-    sub = (np.arange(ss, dtype=np.float32) + 0.5) / ss
+    coords = self._subpixels()
     for k, (c, (cx, cy), d, rgb) in enumerate(zip(scene.classes, scene.centers, scene.diameters, scene.rgbs)):
       r = d / 2
-      x0, x1 = max(0, int(np.floor(cx - r))), min(s, int(np.ceil(cx + r)))
-      y0, y1 = max(0, int(np.floor(cy - r))), min(s, int(np.ceil(cy + r)))
+      x0, x1 = max(0, int(cx - r)), min(s, int(np.ceil(cx + r)))
+      y0, y1 = max(0, int(cy - r)), min(s, int(np.ceil(cy + r)))
       # supersampled pixel centres -> indices into the shape's padded raster (the pad is outside the shape)
       scale = _MASK_RES / (2 * r)
-      iu = ((np.arange(x0, x1, dtype=np.float32)[:, None] + sub).reshape(-1) - cx) * scale + _MASK_MID
-      iv = ((np.arange(y0, y1, dtype=np.float32)[:, None] + sub).reshape(-1) - cy) * scale + _MASK_MID
+      iu = ((coords[x0 * ss:x1 * ss] - cx) * scale + _MASK_MID).astype(np.int32)
+      iv = ((coords[y0 * ss:y1 * ss] - cy) * scale + _MASK_MID).astype(np.int32)
       raster = shape_mask(SHAPES[c // self.n_colours][0])
-      inside = raster[iv.astype(np.int32)[:, None], iu.astype(np.int32)[None, :]]
-      alpha = inside.reshape(y1 - y0, ss, x1 - x0, ss).mean(axis=(1, 3), dtype=np.float32)[..., None]
+      inside = raster[iv[:, None], iu[None, :]]
+      alpha = inside.reshape(y1 - y0, ss, x1 - x0, ss).sum(axis=(1, 3), dtype=np.float32)[..., None]
+      alpha *= np.float32(1.0 / (ss * ss))
       col = np.asarray(rgb, np.float32) / 255.0
       img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - alpha) + alpha * col
       if masks:

@@ -69,10 +69,10 @@ SIGLIP_LOGIT_BIAS_INIT = -10.0
 def tiny_run() -> dict:
   """Run settings of the embedded synthetic default (2-core CPU, `make demo`)."""
   return dict(
-      batch_size=256, total_steps=1200, log_every_steps=20, eval_every_steps=0, checkpoint_every_steps=400,
+      batch_size=256, total_steps=900, log_every_steps=20, eval_every_steps=0, checkpoint_every_steps=300,
       data=ml_collections.ConfigDict({"name": "synthetic", "shards": "", "image_size": 32, "synthetic": {},
                                       "num_threads": 2, "prefetch_buffer_size": 2}),
-      tokenizer=ml_collections.ConfigDict({"name": "words", "max_len": 16}),
+      tokenizer=ml_collections.ConfigDict({"name": "words", "max_len": 24}),  # the longest captions fit
       optimizer=ml_collections.ConfigDict({
           "name": "adamw", "lr": 1e-3, "b1": 0.9, "b2": 0.98, "eps": 1e-6, "weight_decay": 0.05,
           "wd_mask": r"(^|/)kernel$", "clip_norm": 1.0, "schedule": "cosine", "warmup_steps": 100,
@@ -81,14 +81,39 @@ def tiny_run() -> dict:
 
 
 def tiny_model(image_size: int = 32) -> ml_collections.ConfigDict:
-  """A CPU-sized two-tower: conv-stem ViT (Xiao et al. 2021) and a small causal text transformer."""
+  """A CPU-sized two-tower: a tiny CLIP ModifiedResNet (convolutions learn shape fast on CPU) and a small
+  causal text transformer. `image=tiny_vit(...)` swaps in a conv-stem ViT."""
   return ml_collections.ConfigDict({
-      "image": {"kind": "vit", "variant": "tiny", "image_size": image_size, "stem": "conv", "patch_size": 8,
-                "width": 128, "depth": 4, "num_heads": 4, "mlp_dim": 512, "pool_type": "gap"},
+      "image": {"kind": "resnet", "variant": "tiny", "image_size": image_size},
       "text": {"kind": "text", "variant": "tiny", "width": 64, "depth": 2, "num_heads": 2, "mlp_dim": 256},
       "embed_dim": 64, "logit_scale_init": CLIP_LOGIT_SCALE_INIT, "logit_bias_init": None,
       "simclr_head": None, "flip_mask_ratio": 0.0, "scan": False, "remat": "none", "dtype": "float32",
       "param_dtype": "float32"})
+
+
+def tiny_vit(image_size: int = 32) -> dict:
+  """A CPU-sized ViT with the conv stem of Xiao et al. 2021 (FLIP and VPT need a ViT)."""
+  return {"kind": "vit", "variant": "tiny", "image_size": image_size, "stem": "conv", "patch_size": 8,
+          "width": 128, "depth": 4, "num_heads": 4, "mlp_dim": 512, "pool_type": "gap"}
+
+
+def micro_run() -> dict:
+  """A seconds-long smoke run on the synthetic data: 16 px, batch 16, 6 steps, no evaluation."""
+  run = tiny_run()
+  run.update(batch_size=16, total_steps=6, log_every_steps=1, checkpoint_every_steps=1000,
+             evals=ml_collections.ConfigDict())
+  run["data"].update({"image_size": 16, "num_threads": 1})
+  run["optimizer"].warmup_steps = 2
+  return run
+
+
+def micro_model() -> ml_collections.ConfigDict:
+  """One-layer towers of width 32 (a patch-4 ViT and a causal text transformer), joint dimension 16."""
+  m = tiny_model()
+  m.image = {"kind": "vit", "variant": "mu/4", "image_size": 16, "pool_type": "gap"}
+  m.text = {"kind": "text", "variant": "tiny", "width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64}
+  m.embed_dim = 16
+  return m
 
 
 def full_run(res: int) -> dict:
@@ -118,13 +143,16 @@ def vit_text_model(img: str, txt: str, res: int, embed: int) -> ml_collections.C
 def two_tower(arg: str | None, *, embed: int = 512):
   """(config, args) of a two-tower run from a config file's argument.
 
-  'tiny' gives the synthetic CPU default; otherwise 'img=B/16,txt=B,res=224,embed=512' picks the towers.
+  'tiny' gives the synthetic CPU default, 'micro' a seconds-long smoke run (tests); otherwise 'img=B/16,txt=B,res=224,embed=512' picks the towers.
   """
   a = parse_arg(arg, variant="full", img="B/16", txt="B", res=224, embed=embed)
   c = base_config()
   if a.variant == "tiny":
     c.update(tiny_run())
     c.model = tiny_model()
+  elif a.variant == "micro":
+    c.update(micro_run())
+    c.model = micro_model()
   else:
     c.update(full_run(a.res))
     c.model = vit_text_model(a.img, a.txt, a.res, a.embed)

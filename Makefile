@@ -8,7 +8,9 @@ STAMP_ALL := $(VENV)/.installed-all
 DEMO_DIR ?= workdirs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv bench clean
+STAMP_INTEROP := $(VENV)/.installed-interop
+
+.PHONY: demo test test-interop venv bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +35,14 @@ demo: $(STAMP_BASE)
 ## make test: set up .venv with the test extras and run the suite (8 simulated CPU devices).
 test: $(STAMP_DEV)
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+$(STAMP_INTEROP): setup.py | $(PY)
+	$(PY) -m pip install --quiet -e ".[dev,interop]"
+	touch $(STAMP_BASE) $(STAMP_DEV) $@
+
+## make test-interop: add torch/open_clip/transformers/webdataset and run the parity tests (marker `interop`).
+test-interop: $(STAMP_INTEROP)
+	$(PY) -m pytest tests -q -m interop $(PYTEST_ARGS)
 
 ## make venv: create/update .venv with every extra (dev, interop, gcs).
 venv: $(STAMP_ALL)

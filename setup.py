@@ -17,12 +17,16 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66,<5",
     "matplotlib>=3.9,<4",
     "fsspec>=2024.6",
+    "braceexpand>=0.1.7,<0.2",   # shard patterns data-{00000..01023}.tar
+    "ftfy>=6.1,<7",              # CLIP BPE text cleaning (parity with open_clip)
+    "regex>=2023.0",             # CLIP BPE pre-tokenisation (\p{L}, \p{N})
+    "sentencepiece>=0.2,<0.3",
 ]
 
 EXTRAS = {
     "dev": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "portpicker>=1.6"],
     "interop": ["torch==2.14.1", "torchvision==0.29.1", "open-clip-torch>=3,<4", "transformers>=4.45,<6",
-                "safetensors>=0.4"],
+                "safetensors>=0.4", "webdataset>=0.2.100,<2"],
     "gcs": ["gcsfs>=2024.6"],
     "wandb": ["wandb>=0.18,<1"],
 }
@@ -38,6 +42,8 @@ setup(
     entry_points={
         "console_scripts": [
             "vlm-pretrain=vlm_jax.pretrain:run",
+            "vlm-make-shards=vlm_jax.data.make_shards:main",
+            "vlm-train-tokenizer=vlm_jax.data.train_tokenizer:main",
         ],
     },
 )

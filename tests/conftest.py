@@ -11,3 +11,11 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "vlm_jax_test_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+# rendered synthetic shards (content-addressed, reused across tests and runs; never the user's ~/.cache)
+os.environ.setdefault("VLM_JAX_CACHE", os.path.join(tempfile.gettempdir(), "vlm_jax_test_data_cache"))
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "interop: parity with torch / open_clip / transformers (needs the interop extra; "
+      "each test importorskips what it needs)")

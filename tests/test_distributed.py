@@ -11,7 +11,7 @@ from tests import train_helpers as th
 
 
 def test_two_processes_match_one_process(tmp_path):
-  overrides = {"total_steps": 4}
+  overrides = {"total_steps": 4, "data.streams": 2}  # the same global batches on 1 or 2 processes
   single = str(tmp_path / "single")
   r = th.run_cli(th.pretrain_cmd(single, overrides=overrides), devices=8)
   assert r.returncode == 0, r.stderr[-2000:]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from vlm_jax.data import pipeline, synthetic
 from vlm_jax.data.tokenizers import get_tokenizer
@@ -141,45 +144,24 @@ def _assert_batches_equal(a, b):
       np.testing.assert_array_equal(x[k], y[k])
 
 
-def test_pipeline_batches_and_exact_resume():
-  tok = get_tokenizer("words", max_len=16)
-  it = pipeline.make_train_iterator(DATA, global_batch_size=8, seed=5, tokenizer=tok)
-  first = _take(it, 2)
-  b = first[0]
-  assert b["image"].shape == (8, S, S, 3) and b["image"].dtype == np.float32
-  assert b["text"].shape == (8, 16) and b["text"].dtype == np.int32
-  assert b["label"].shape == (8,) and b["label"].dtype == np.int32
-  assert np.all(b["text"].argmax(1) > 0) and abs(float(b["image"].mean())) < 1.5
-  state = it.get_state()
-  more = _take(it, 3)
-  it2 = pipeline.make_train_iterator(DATA, global_batch_size=8, seed=5, tokenizer=tok)
-  it2.set_state(state)
-  _assert_batches_equal(more, _take(it2, 3))
-  # a fresh iterator reproduces the whole stream; another seed does not
-  _assert_batches_equal(first + more, _take(pipeline.make_train_iterator(
-      DATA, global_batch_size=8, seed=5, tokenizer=tok), 5))
-  other = next(pipeline.make_train_iterator(DATA, global_batch_size=8, seed=6, tokenizer=tok))
-  assert not np.array_equal(other["image"], b["image"])
-
-
-def test_pipeline_process_sharding_disjoint():
-  tok = get_tokenizer("words", max_len=16)
-  whole = _take(pipeline.make_train_iterator(DATA, global_batch_size=8, seed=2, tokenizer=tok), 2)
-  parts = [_take(pipeline.make_train_iterator(DATA, global_batch_size=8, seed=2, tokenizer=tok,
-                                              process_index=p, process_count=2), 2) for p in range(2)]
-  keys = [{x.tobytes() for b in part for x in b["image"]} for part in parts]
-  assert len(keys[0]) == len(keys[1]) == 8 and not keys[0] & keys[1]
-  for step in range(2):
-    assert parts[0][step]["image"].shape[0] == 4
-    np.testing.assert_array_equal(np.concatenate([parts[0][step]["image"], parts[1][step]["image"]]),
-                                  whole[step]["image"])
-
-
-def test_pipeline_simclr_views():
-  tok = get_tokenizer("words", max_len=16)
-  b = next(pipeline.make_train_iterator(DATA, global_batch_size=4, seed=0, tokenizer=tok, views=True))
-  assert b["image_view1"].shape == b["image_view2"].shape == b["image"].shape
-  assert not np.array_equal(b["image_view1"], b["image_view2"])
+def test_synthetic_shards_stream_the_procedural_train_split(tmp_path):
+  """The default dataset is rendered into tar shards once (any number of processes) and streamed back."""
+  from vlm_jax.data import shards, synthetic_shards
+  opts = {"num_train": 40, "shard_size": 16}
+  pattern = synthetic_shards.ensure_shards(opts, S, str(tmp_path / "a"), processes=1, quiet=True)
+  again = synthetic_shards.ensure_shards(opts, S, str(tmp_path / "b"), processes=2, quiet=True)
+  [(paths, _)] = shards.expand_shards(pattern)
+  [(paths_b, _)] = shards.expand_shards(again)
+  assert len(paths) == 3
+  for p, q in zip(paths, paths_b):
+    assert open(p, "rb").read() == open(q, "rb").read()
+  src = synthetic.SyntheticShapes("train", image_size=S)
+  items = [it for p in paths for it, _ in shards.read_shard(p)]
+  assert [it.caption for it in items] == [src.scene(i).caption for i in range(40)]
+  assert [it.label for it in items] == [src.scene(i).label for i in range(40)]
+  first = np.asarray(Image.open(io.BytesIO(items[0].image)))
+  np.testing.assert_array_equal(first, src.render(src.scene(0), masks=False)["image"])
+  assert synthetic_shards.ensure_shards(opts, S, str(tmp_path / "a"), quiet=True) == pattern  # reused
 
 
 def _oracle_encoders(tok, n_colours=8):

@@ -60,7 +60,7 @@ def pretrain(config, workdir: str, *, quiet: bool = False) -> dict:
     return pipeline.make_train_iterator(
         config.data, global_batch_size=config.batch_size, seed=config.seed, tokenizer=tokenizer,
         process_index=process_index, process_count=process_count,
-        views=float(config.objectives.get("simclr", 0.0)) > 0)
+        views=float(config.objectives.get("simclr", 0.0)) > 0, quiet=quiet)
 
   evaluators = make_evaluators(config.get("evals"), model=model, tokenizer=tokenizer, data_config=config.data)
   return loop.train(config, workdir, make_data=make_data, model=model, loss_fn=loss_fn, evaluators=evaluators,

@@ -1,49 +1,73 @@
-"""The training input pipeline (grain) and the evaluation arrays, both config-driven.
+"""The training input pipeline (grain) over image-text tar shards, and the evaluation arrays.
 
-For now the one source is the procedural dataset of `vlm_jax.data.synthetic` (data_config.name='synthetic'),
-rendered on the fly from (seed, index); the tar-shard streaming source arrives with its own issue.
+Per process, for each data stream it owns (see "Streams"):
 
-    stream = grain.MapDataset.source(scenes)            # cheap metadata per index
-               .shuffle(seed).repeat()                   # reshuffled every epoch
-               .random_map(render + augment + tokenize + normalise)   # per-element rng: seed ⊕ index
-    local  = this process's rows of every global batch (see `_ProcessSlice`)
-               .batch(global_batch / process_count)
-               .to_iter_dataset(grain.ReadOptions(num_threads, prefetch_buffer_size))
+    ShardSamples(this stream's shards of every source)      # shard_stream.py: interleave `cycle_length` shards,
+      → mix(sources, weights)                               #   shard order reshuffled per epoch or resampled
+      → WindowShuffleIterDataset(shuffle_buffer)             # grain
+      → DecodeSkip: decode (Pillow, JPEG draft) → augment → normalise → tokenise; bad samples are skipped and
+                    counted per reason (each output row carries the counts of what was skipped before it)
+      → batch(global_batch / streams, fixed shapes)          # grain
+      → mp_prefetch(workers)                                # grain worker processes, when data.workers > 0
+    zip the owned streams → concatenate rows → this process's rows of the global batch
 
-Only the elements a process needs are rendered. The iterator is grain's checkpointable iterator:
-`it.get_state()` / `it.set_state(state)` resume the exact batch stream (every random choice is a function of
-the seed and the element index), and N processes together see exactly the batches of one process.
+Streams: the global batch is the concatenation of `data.streams` (default: the process count) equal parts; stream
+s reads shards s, s+S, s+2S, … of each source with its own seed; process p owns streams [p·S/P, (p+1)·S/P). A run
+therefore sees the same global batches on any number of processes P dividing S (the test of multi-host
+equivalence), and each process reads a disjoint subset of the shards.
 
-A batch is a dict of numpy arrays (CONTRACTS.md): 'image' float32 [B,S,S,3] normalised as
-(x/255 − mean)/std (CLIP's mean/std by default), 'text' int32 [B,L], 'label' int32 [B] (UniCL concept id,
-`synthetic.content_label`), and, with `views=True` (SimCLR/SLIP), 'image_view1'/'image_view2': two
-independent random-resized crops (area fraction `view_scale`, aspect ratio 3/4–4/3, bilinear resize back to
-S×S with Pillow) with a horizontal flip at probability ½ (SimCLR, Chen et al. 2020). The main image is not
-augmented: the procedural source never repeats a sample, and a flip would contradict "on the left" captions.
+Exact resume: the iterator state (`get_state`/`set_state`, saved in every checkpoint) holds, per stream and
+worker, the shard-order position, the byte offset inside every open shard, the shuffle window's start and the
+augmentation counter, plus the cumulative skip counts — so a resumed run continues with exactly the samples an
+uninterrupted run would have seen. `stats()` returns {'data/skipped/<reason>': n} for metrics.jsonl.
 
-data_config keys (a dict or ConfigDict): name='synthetic', image_size (pixels, square), shards (tar-shard
-patterns: not available yet), synthetic={SyntheticShapes keyword arguments, e.g. seed, n_shapes,
-object_probs}, mean, std (RGB in [0,1] units), view_scale=(0.4, 1.0), num_threads=2,
-prefetch_buffer_size=2 (batches).
+The default dataset (data.name='synthetic', no data.shards) is the procedural one of `synthetic.py`, rendered
+once into tar shards by `synthetic_shards.ensure_shards` and streamed like any other. Preprocessing is exactly
+that of `transforms.py`: train images get `random_resized_crop(scale=augment.crop_scale, ratio=augment.crop_ratio,
+flip=augment.flip)` at image_size, then CLIP normalisation; SimCLR/SLIP views (views=True) are two more crops
+with scale `view_scale` and a flip.
+
+A batch is a dict of numpy arrays (CONTRACTS.md): 'image' float32 [B,S,S,3], 'text' int32 [B,L],
+'label' int32 [B] (the `.cls` label, −1 when absent; the synthetic UniCL content label), and with views
+'image_view1'/'image_view2'.
+
+data_config keys: see `DEFAULTS`.
 """
 
 from __future__ import annotations
 
 import functools
+import zlib
 from typing import Any, Mapping
 
 import grain
 import numpy as np
 from PIL import Image
 
-from vlm_jax.data import synthetic
+from vlm_jax.data import shard_stream, shards, synthetic, synthetic_shards, transforms
 from vlm_jax.errors import UserError
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-SOURCES = ("synthetic",)
-_KEYS = {"name", "shards", "image_size", "synthetic", "mean", "std", "view_scale", "num_threads",
-         "prefetch_buffer_size"}
+CLIP_MEAN, CLIP_STD = transforms.CLIP_MEAN, transforms.CLIP_STD
+normalize = transforms.normalize
+SOURCES = ("synthetic", "shards")
+DEFAULTS = {
+    "name": "synthetic",         # 'synthetic' (the embedded default) or 'shards' (data.shards required)
+    "shards": "",                # PATTERN[:weight],… (see shards.expand_shards); setting it implies 'shards'
+    "image_size": 224,
+    "synthetic": {},             # SyntheticShapes options + num_train, shard_size
+    "cache_dir": "",             # where the synthetic shards are rendered (default $VLM_JAX_CACHE or ~/.cache)
+    "caption_field": "",         # read the caption from this field of {key}.json instead of {key}.txt
+    "augment": {"crop_scale": (0.9, 1.0), "crop_ratio": (3 / 4, 4 / 3), "flip": False},
+    "view_scale": (0.4, 1.0),    # SimCLR/SLIP views
+    "mean": CLIP_MEAN, "std": CLIP_STD,
+    "cycle_length": 4,           # shards open at once per stream and worker
+    "shuffle_buffer": 1000,      # window-shuffle size (samples)
+    "resample": False,           # draw shards with replacement instead of epoch permutations
+    "streams": 0,                # data streams (0: the process count); see the module docstring
+    "workers": 0,                # grain worker processes per stream (0: decode in this process)
+    "worker_buffer": 2,          # batches prefetched per worker
+    "num_threads": 2, "prefetch_buffer_size": 2,  # unused by the shard pipeline; kept for old configs
+}
 
 
 def _plain(cfg) -> dict:
@@ -56,15 +80,21 @@ def _plain(cfg) -> dict:
 
 def _options(data_config) -> dict:
   cfg = _plain(data_config)
-  unknown = sorted(set(cfg) - _KEYS)
+  unknown = sorted(set(cfg) - set(DEFAULTS))
   if unknown:
-    raise UserError(f"unknown data option(s) {unknown}; valid: {sorted(_KEYS)}")
-  name = cfg.get("name", "synthetic")
-  if cfg.get("shards"):
-    raise UserError("data.shards is set, but tar-shard streaming is not available yet; use data.name=synthetic")
-  if name not in SOURCES:
-    raise UserError(f"unknown data source {name!r}; available now: {list(SOURCES)}")
-  return cfg
+    raise UserError(f"unknown data option(s) {unknown}; valid: {sorted(DEFAULTS)}")
+  out = {**DEFAULTS, **cfg}
+  out["augment"] = {**DEFAULTS["augment"], **_plain(cfg.get("augment"))}
+  bad = sorted(set(out["augment"]) - set(DEFAULTS["augment"]))
+  if bad:
+    raise UserError(f"unknown data.augment option(s) {bad}; valid: {sorted(DEFAULTS['augment'])}")
+  if out["shards"]:
+    out["name"] = "shards"
+  if out["name"] not in SOURCES:
+    raise UserError(f"unknown data source {out['name']!r}; available: {list(SOURCES)}")
+  if out["name"] == "shards" and not out["shards"]:
+    raise UserError("data.name='shards' needs data.shards=PATTERN[:weight],…")
+  return out
 
 
 def _image_size(cfg: dict, image_size: int | None) -> int:
@@ -75,10 +105,10 @@ def _image_size(cfg: dict, image_size: int | None) -> int:
 
 
 def make_source(data_config, split: str, *, image_size: int | None = None) -> synthetic.SyntheticShapes:
-  """The random-access source of `split` ('train', 'eval_seen', 'eval_unseen') described by data_config."""
-  cfg = _options(data_config)
+  """The random-access synthetic source of `split` ('train', 'eval_seen', 'eval_unseen') of data_config."""
+  cfg = _options({k: v for k, v in _plain(data_config).items() if k not in ("shards",)} | {"name": "synthetic"})
   image_size = _image_size(cfg, image_size)
-  opts = _plain(cfg.get("synthetic"))
+  opts = {k: v for k, v in _plain(cfg.get("synthetic")).items() if k not in ("num_train", "shard_size")}
   if "image_size" in opts:
     raise UserError("set the resolution with the model/pipeline image_size, not data.synthetic.image_size")
   try:
@@ -87,100 +117,164 @@ def make_source(data_config, split: str, *, image_size: int | None = None) -> sy
     raise UserError(f"bad data.synthetic options {sorted(opts)}: {e}") from None
 
 
-class _Scenes:
-  """grain source view of a SyntheticShapes: element i is its (cheap) scene metadata; pixels come later."""
-
-  def __init__(self, src: synthetic.SyntheticShapes):
-    self.src = src
-
-  def __len__(self) -> int:
-    return len(self.src)
-
-  def __getitem__(self, index: int) -> synthetic.Scene:
-    return self.src.scene(int(index))
-
-
-def normalize(images: np.ndarray, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
-  """uint8 [..., 3] -> float32 (x/255 − mean)/std."""
-  mean = np.asarray(mean, np.float32) * 255.0
-  inv_std = 1.0 / (np.asarray(std, np.float32) * 255.0)
-  return (images.astype(np.float32) - mean) * inv_std
-
-
-def random_resized_crop(image: np.ndarray, rng: np.random.Generator, scale=(0.4, 1.0),
-                        ratio=(3 / 4, 4 / 3), flip: bool = True) -> np.ndarray:
-  """Inception-style crop (Szegedy et al. 2015, as SimCLR): area fraction in `scale`, log-uniform aspect ratio,
-  resized back to the input size (Pillow bilinear); then a horizontal flip with probability ½."""
-  h, w = image.shape[:2]
-  for _ in range(10):
-    area = h * w * rng.uniform(*scale)
-    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
-    cw, ch = np.sqrt(area * aspect), np.sqrt(area / aspect)
-    if cw <= w and ch <= h:
-      break
+def shard_sources(data_config, *, quiet: bool = False) -> list[tuple[list[str], float]]:
+  """[(shard paths, weight)] of the training data; renders the synthetic default when it is selected."""
+  cfg = _options(data_config)
+  if cfg["name"] == "synthetic":
+    spec = synthetic_shards.ensure_shards(_plain(cfg["synthetic"]), _image_size(cfg, None),
+                                          cfg["cache_dir"] or None, quiet=quiet)
   else:
-    cw, ch = w, h
-  x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
-  out = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch)))
-  if flip and rng.random() < 0.5:
-    out = out[:, ::-1]
-  return out
+    spec = cfg["shards"]
+  return shards.expand_shards(spec)
 
 
-def _make_example(scene, rng, *, src, tokenizer, mean, std, views, view_scale) -> dict[str, Any]:
-  element = src.render(scene, masks=False)
-  ex = {"image": normalize(element["image"], mean, std),
-        "text": tokenizer([scene.caption])[0],
-        "label": np.int32(scene.label)}
+# ---- decode, augment, skip and count --------------------------------------------------------------------------
+
+_REASON_INDEX = {r: i for i, r in enumerate(shards.SKIP_REASONS)}
+
+
+class _DecodeSkip(grain.IterDataset):
+  """Turns raw samples into model inputs; skips and counts bad ones (see the module docstring)."""
+
+  def __init__(self, parent, fn):
+    super().__init__(parent)
+    self._fn = fn
+
+  def __iter__(self):
+    return _DecodeSkipIterator(self._parent.__iter__(), self._fn)
+
+
+class _DecodeSkipIterator(grain.DatasetIterator):
+
+  def __init__(self, parent, fn):
+    super().__init__(parent)
+    self._fn, self._count = fn, 0
+    self._warned: set[str] = set()
+
+  def __next__(self) -> dict:
+    skipped = np.zeros(len(shards.SKIP_REASONS), np.int32)
+    while True:
+      el = next(self._parent)
+      if el["skip"]:
+        skipped[_REASON_INDEX[el["skip"]]] += 1
+        continue
+      try:
+        ex = self._fn(el, self._count)
+      except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        skipped[_REASON_INDEX["corrupt_image"]] += 1
+        if el["src"] not in self._warned:  # once per shard
+          self._warned.add(el["src"])
+          shards.log.warning("shard %s: skipping an undecodable image (%s: %s); further ones are counted, "
+                             "not logged", el["src"], type(e).__name__, str(e)[:120])
+        continue
+      self._count += 1
+      ex["_skipped"] = skipped
+      return ex
+
+  def get_state(self) -> dict:
+    return {"parent": self._parent.get_state(), "count": self._count}
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state["parent"])
+    self._count = int(state["count"])
+
+
+def _example(el: dict, count: int, *, seed: int, size: int, tokenizer, mean, std, augment: dict, views: bool,
+             view_scale) -> dict[str, Any]:
+  rng = np.random.default_rng((seed, zlib.crc32(el["image"][:256]), count))
+  min_scale = min(augment["crop_scale"][0], view_scale[0] if views else 1.0)
+  img = transforms.decode_image(el["image"], draft_size=int(np.ceil(size / np.sqrt(max(min_scale, 0.05)))))
+  crop = transforms.random_resized_crop(img, size, rng, scale=tuple(augment["crop_scale"]),
+                                        ratio=tuple(augment["crop_ratio"]), flip=bool(augment["flip"]))
+  ex = {"image": transforms.normalize(crop, mean, std), "text": tokenizer([el["caption"]])[0],
+        "label": np.int32(el["label"])}
   if views:
     for k in ("image_view1", "image_view2"):
-      ex[k] = normalize(random_resized_crop(element["image"], rng, view_scale), mean, std)
+      v = transforms.random_resized_crop(img, size, rng, scale=tuple(view_scale), flip=True)
+      ex[k] = transforms.normalize(v, mean, std)
   return ex
 
 
-class _ProcessSlice:
-  """This process's share of a global stream: element k is global element (k // b)·B + p·b + k mod b.
+# ---- assembling the per-process iterator ----------------------------------------------------------------------
 
-  B = b · process_count is the global batch, so the global batch g is the concatenation over processes of
-  their local batches g: a run on N processes sees exactly the global batches of a run on one.
-  """
+def _concat_rows(batches: tuple) -> dict:
+  return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
-  def __init__(self, stream, process_index: int, process_count: int, local_batch: int):
-    self.stream, self.p, self.n, self.b = stream, process_index, process_count, local_batch
 
-  def __len__(self) -> int:
-    return len(self.stream) // self.n
+class _CountSkips(grain.DatasetIterator):
+  """Removes the per-row skip counts from each batch and keeps their running total (checkpointed)."""
 
-  def __getitem__(self, k: int):
-    k = int(k)
-    return self.stream[(k // self.b) * self.b * self.n + self.p * self.b + k % self.b]
+  def __init__(self, parent):
+    super().__init__(parent)
+    self.skipped = np.zeros(len(shards.SKIP_REASONS), np.int64)
+
+  def __next__(self) -> dict:
+    batch = dict(next(self._parent))
+    self.skipped += batch.pop("_skipped").reshape(-1, len(shards.SKIP_REASONS)).sum(0)
+    return batch
+
+  def stats(self) -> dict[str, int]:
+    return {f"data/skipped/{r}": int(n) for r, n in zip(shards.SKIP_REASONS, self.skipped)}
+
+  def get_state(self) -> dict:
+    return {"pipeline": self._parent.get_state(), "skipped": [int(n) for n in self.skipped]}
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state["pipeline"])
+    self.skipped = np.asarray(state["skipped"], np.int64)
+
+
+def _absl_flags_ready() -> None:
+  """grain's worker processes read absl flags; outside an absl app (tests, notebooks) use their defaults."""
+  from absl import flags  # noqa: PLC0415
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 def make_train_iterator(data_config, *, global_batch_size: int, seed: int, tokenizer,
-                        process_index: int = 0, process_count: int = 1, views: bool = False):
-  """grain iterator over this process's slices of the global training batches.
+                        process_index: int = 0, process_count: int = 1, views: bool = False, quiet: bool = True):
+  """grain iterator over this process's rows of the global training batches (see the module docstring).
 
-  Each process yields batches of `global_batch_size // process_count` rows; together, step by step, they
-  form the same global batches as a single-process run. `seed` drives the shuffle and the augmentations
-  (the dataset's content is fixed by data.synthetic.seed). `views` adds two SimCLR views per image. The
-  returned iterator supports `get_state()` / `set_state()` for exact resumption.
+  Each process yields batches of `global_batch_size // process_count` rows. `seed` drives the shard order,
+  the shuffle and the augmentations. `views` adds two SimCLR views per image. The returned iterator supports
+  `get_state()` / `set_state()` for exact resumption and `stats()` for the skip counters.
   """
   cfg = _options(data_config)
-  if global_batch_size <= 0 or global_batch_size % process_count:
-    raise UserError(f"batch_size={global_batch_size} is not divisible by the {process_count} processes")
+  streams = int(cfg["streams"]) or process_count
+  if streams % process_count:
+    raise UserError(f"data.streams={streams} must be a multiple of the {process_count} processes")
+  if global_batch_size <= 0 or global_batch_size % streams:
+    raise UserError(f"batch_size={global_batch_size} is not divisible by the {streams} data streams "
+                    "(data.streams, default: the process count)")
   if not 0 <= process_index < process_count:
     raise UserError(f"process_index {process_index} not in [0, {process_count})")
-  local_batch = global_batch_size // process_count
-  src = make_source(cfg, "train", image_size=int(cfg["image_size"]))
+  size = _image_size(cfg, None)
+  sources = shard_sources(cfg, quiet=quiet)
+  for paths, _ in sources:
+    if len(paths) < streams:
+      raise UserError(f"{len(paths)} shard(s) cannot feed {streams} data streams; use more shards")
   fn = functools.partial(
-      _make_example, src=src, tokenizer=tokenizer, mean=tuple(cfg.get("mean", CLIP_MEAN)),
-      std=tuple(cfg.get("std", CLIP_STD)), views=views, view_scale=tuple(cfg.get("view_scale", (0.4, 1.0))))
-  stream = grain.MapDataset.source(_Scenes(src)).shuffle(seed=seed).repeat().random_map(fn, seed=seed)
-  ds = grain.MapDataset.source(_ProcessSlice(stream, process_index, process_count, local_batch))
-  ds = ds.batch(local_batch, drop_remainder=True)
-  read = grain.ReadOptions(num_threads=int(cfg.get("num_threads", 2)),
-                           prefetch_buffer_size=int(cfg.get("prefetch_buffer_size", 2)))
-  return iter(ds.to_iter_dataset(read))
+      _example, seed=int(seed), size=size, tokenizer=tokenizer, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+      augment=cfg["augment"], views=views, view_scale=tuple(cfg["view_scale"]))
+  per_stream = global_batch_size // streams
+  mine = range(process_index * streams // process_count, (process_index + 1) * streams // process_count)
+  datasets = []
+  for s in mine:
+    stream_seed = int(seed) * 1_000_003 + s
+    parts = [shard_stream.ShardSamples(paths[s::streams], seed=stream_seed, cycle_length=int(cfg["cycle_length"]),
+                                       resample=bool(cfg["resample"]), caption_field=cfg["caption_field"] or None)
+             for paths, _ in sources]
+    ds = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, [w for _, w in sources])
+    if int(cfg["shuffle_buffer"]) > 1:
+      ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=int(cfg["shuffle_buffer"]), seed=stream_seed)
+    ds = _DecodeSkip(ds, functools.partial(fn, seed=stream_seed)).batch(per_stream, drop_remainder=True)
+    if int(cfg["workers"]) > 0:
+      _absl_flags_ready()
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(cfg["workers"]),
+                                                       per_worker_buffer_size=int(cfg["worker_buffer"])))
+    datasets.append(ds)
+  ds = datasets[0] if len(datasets) == 1 else grain.experimental.ZipIterDataset(datasets).map(_concat_rows)
+  return _CountSkips(iter(ds))
 
 
 @functools.lru_cache(maxsize=8)

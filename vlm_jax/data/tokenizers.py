@@ -1,17 +1,24 @@
 """Text tokenizers behind one factory: `get_tokenizer(name, **options)` (open_clip's `get_tokenizer` idea).
 
-A tokenizer is a callable `list[str] -> np.int32 [N, max_len]` with attributes `vocab_size`, `max_len`,
-`pad_id`, `sot_id`, `eot_id`. Every tokenizer follows the CLIP convention (Radford et al., 2021): sequences are
-`[SOT] tokens… [EOT]` padded with 0, and EOT has the LARGEST id in the vocabulary, so a text encoder can pool
-at `argmax(ids)`; truncation drops tokens before EOT, never EOT itself.
+A tokenizer is a callable `str | list[str] -> np.int32 [N, context_length]` with attributes `vocab_size`,
+`context_length` (= `max_len`), `pad_id` (0), `sot_id`, `eot_id` and a `decode(ids)`. Every tokenizer follows
+the CLIP convention (Radford et al., 2021): rows are `[SOT] tokens… [EOT]` padded with 0, and EOT has the
+LARGEST id in the vocabulary, so a text encoder can pool at `argmax(ids)`; truncation drops tokens before
+EOT, never EOT itself. Option `context_length` sets the row length (`max_len` is accepted as its old name).
 
-Implemented: 'words' — lower-case, split on anything that is not a letter, one id per word of a fixed
-vocabulary (given, or the synthetic dataset's word list), unknown words -> `unk_id`. Ids: pad 0, unk 1,
-sot 2, words 3…, eot = vocab_size − 1.
+- 'words': lower-case, split on anything that is not a letter, one id per word of a fixed vocabulary (given,
+  or the synthetic dataset's word list). Ids: pad 0, unk 1, sot 2, words 3…, eot = vocab_size − 1. Length 16.
+- 'bytes': vocabulary-free UTF-8 bytes as in ByT5 (Xue et al., 2022): byte b -> b + 1, sot 257, eot 258,
+  vocab 259. Length 128 (the synthetic captions are at most 99 bytes).
+- 'sentencepiece': a SentencePiece model (Kudo & Richardson, 2018), option `model_path`; piece p -> p + 1,
+  then sot, eot (vocab = pieces + 3). Length 64. Train one with `python -m vlm_jax.data.train_tokenizer`.
+- 'clip_bpe' (alias 'clip'): OpenAI CLIP's byte-level BPE, equal to open_clip's ids (`vlm_jax.data.clip_bpe`).
+  Length 77.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -19,50 +26,173 @@ import numpy as np
 from vlm_jax.errors import UserError
 
 
-class WordTokenizer:
-  """Whole-word tokenizer over a fixed vocabulary (see the module docstring for the id layout)."""
+def read_bytes(path: str) -> bytes:
+  """Contents of a local file or an fsspec URL (gs://, s3://, …); a missing file is a `UserError`."""
+  import fsspec  # noqa: PLC0415
+  try:
+    with fsspec.open(path, "rb") as f:
+      return f.read()
+  except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    raise UserError(f"cannot read {path}: {type(e).__name__}") from None
+
+
+class Tokenizer:
+  """Shared row layout: `[SOT] encode(text)… [EOT]`, truncated before EOT, padded with `pad_id` = 0.
+
+  Subclasses set `sot_id`, `eot_id` (the largest id) and define `encode(text) -> list[int]` (no SOT/EOT)."""
 
   pad_id = 0
+  sot_id: int
+  eot_id: int
+
+  def __init__(self, context_length: int, vocab_size: int):
+    if int(context_length) < 2:
+      raise UserError(f"tokenizer context_length must be >= 2 (SOT and EOT), got {context_length}")
+    self.context_length = int(context_length)
+    self.vocab_size = int(vocab_size)
+    assert self.eot_id == self.vocab_size - 1, "EOT must be the largest id"
+
+  @property
+  def max_len(self) -> int:
+    return self.context_length
+
+  def encode(self, text: str) -> list[int]:
+    raise NotImplementedError
+
+  def encode_batch(self, texts: Sequence[str]) -> list[Sequence[int]]:
+    return [self.encode(t) for t in texts]
+
+  def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> np.ndarray:
+    if isinstance(texts, str):
+      texts = [texts]
+    length = int(context_length or self.context_length)
+    out = np.zeros((len(texts), length), np.int32)
+    for row, ids in zip(out, self.encode_batch(list(texts))):
+      ids = ids[:length - 2]
+      row[0] = self.sot_id
+      row[1:len(ids) + 1] = ids
+      row[len(ids) + 1] = self.eot_id
+    return out
+
+  def _body(self, ids: Sequence[int]) -> list[int]:
+    """The ids after SOT up to the first EOT, without padding."""
+    out = []
+    for i in ids:
+      i = int(i)
+      if i == self.eot_id:
+        break
+      if i not in (self.sot_id, self.pad_id):
+        out.append(i)
+    return out
+
+
+class WordTokenizer(Tokenizer):
+  """Whole-word tokenizer over a fixed vocabulary (see the module docstring for the id layout)."""
+
   unk_id = 1
   sot_id = 2
 
-  def __init__(self, vocab: Iterable[str] | None = None, max_len: int = 16):
-    from vlm_jax.data import synthetic  # the default vocabulary is the synthetic dataset's
+  def __init__(self, vocab: Iterable[str] | None = None, context_length: int = 16):
+    from vlm_jax.data import synthetic  # noqa: PLC0415  (the default vocabulary is the synthetic dataset's)
     words = list(dict.fromkeys(vocab if vocab is not None else synthetic.vocabulary()))
-    if max_len < 2:
-      raise UserError(f"tokenizer max_len must be >= 2 (SOT and EOT), got {max_len}")
     self.words = tuple(words)
     self._ids = {w: i + 3 for i, w in enumerate(words)}
-    self.vocab_size = len(words) + 4
-    self.eot_id = self.vocab_size - 1
-    self.max_len = int(max_len)
+    self.eot_id = len(words) + 3
+    super().__init__(context_length, vocab_size=len(words) + 4)
 
   def encode(self, text: str) -> list[int]:
-    """Ids of one text: SOT, words (truncated to max_len − 2), EOT; no padding."""
-    from vlm_jax.data.synthetic import tokenize_words
-    ids = [self._ids.get(w, self.unk_id) for w in tokenize_words(text)][:self.max_len - 2]
-    return [self.sot_id, *ids, self.eot_id]
-
-  def __call__(self, texts: str | Sequence[str]) -> np.ndarray:
-    if isinstance(texts, str):
-      texts = [texts]
-    out = np.zeros((len(texts), self.max_len), np.int32)
-    for i, t in enumerate(texts):
-      ids = self.encode(t)
-      out[i, :len(ids)] = ids
-    return out
+    from vlm_jax.data.synthetic import tokenize_words  # noqa: PLC0415
+    return [self._ids.get(w, self.unk_id) for w in tokenize_words(text)]
 
   def decode(self, ids: Sequence[int]) -> str:
     inv = {i: w for w, i in self._ids.items()}
-    return " ".join(inv.get(int(i), "<unk>") for i in ids
-                    if int(i) not in (self.pad_id, self.sot_id, self.eot_id))
+    return " ".join(inv.get(i, "<unk>") for i in self._body(ids))
 
 
-_TOKENIZERS = {"words": WordTokenizer}
+class ByteTokenizer(Tokenizer):
+  """UTF-8 bytes, no vocabulary (ByT5, Xue et al., 2022): byte b -> b + 1, sot 257, eot 258, pad 0."""
+
+  sot_id = 257
+  eot_id = 258
+
+  def __init__(self, context_length: int = 128):
+    super().__init__(context_length, vocab_size=259)
+
+  def encode(self, text: str) -> list[int]:
+    return [b + 1 for b in text.encode("utf-8", errors="replace")]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Text of a row; a multi-byte character cut by truncation decodes to U+FFFD."""
+    return bytes(i - 1 for i in self._body(ids) if i <= 256).decode("utf-8", errors="replace")
 
 
-def get_tokenizer(name: str, **options):
-  """Builds tokenizer `name` ('words'); unknown names raise `UserError`."""
+class SentencePieceTokenizer(Tokenizer):
+  """A trained SentencePiece model (Kudo & Richardson, 2018, "SentencePiece: A simple and language independent
+  subword tokenizer and detokenizer for Neural Text Processing"); its own normalisation (NFKC by default) is
+  the only cleaning. Ids: piece p -> p + 1 (pad 0 is free), sot = pieces + 1, eot = pieces + 2."""
+
+  def __init__(self, model_path: str | None = None, context_length: int = 64):
+    if not model_path:
+      raise UserError("the sentencepiece tokenizer needs tokenizer.model_path=/path/to/model.model "
+                      "(train one with `python -m vlm_jax.data.train_tokenizer`)")
+    try:
+      import sentencepiece  # noqa: PLC0415  (optional: only this tokenizer needs it)
+    except ImportError:
+      raise UserError("the sentencepiece tokenizer needs the package sentencepiece: "
+                      "pip install sentencepiece") from None
+    self.model_path = model_path
+    self._proto = read_bytes(model_path)
+    try:
+      self.processor = sentencepiece.SentencePieceProcessor(model_proto=self._proto)
+    except (RuntimeError, OSError) as e:
+      raise UserError(f"{model_path} is not a SentencePiece model: {' '.join(str(e).split())}") from None
+    pieces = self.processor.get_piece_size()
+    self.sot_id, self.eot_id = pieces + 1, pieces + 2
+    super().__init__(context_length, vocab_size=pieces + 3)
+
+  def __getstate__(self):  # picklable for data-loader workers
+    return {"model_path": self.model_path, "context_length": self.context_length}
+
+  def __setstate__(self, state):
+    self.__init__(**state)
+
+  def encode(self, text: str) -> list[int]:
+    return [p + 1 for p in self.processor.encode(text)]
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [[p + 1 for p in ids] for ids in self.processor.encode(list(texts))]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self.processor.decode([i - 1 for i in self._body(ids)])
+
+
+def _clip_bpe():
+  from vlm_jax.data.clip_bpe import ClipBpeTokenizer  # noqa: PLC0415  (needs ftfy/regex and a vocab file)
+  return ClipBpeTokenizer
+
+
+_TOKENIZERS = {
+    "words": lambda: WordTokenizer,
+    "bytes": lambda: ByteTokenizer,
+    "sentencepiece": lambda: SentencePieceTokenizer,
+    "clip_bpe": _clip_bpe,
+    "clip": _clip_bpe,
+}
+
+
+def get_tokenizer(name: str, **options) -> Tokenizer:
+  """Builds tokenizer `name` (see the module docstring) with its options; `max_len` is an alias of
+  `context_length`. Unknown names or options raise `UserError`."""
   if name not in _TOKENIZERS:
     raise UserError(f"unknown tokenizer {name!r}; available: {sorted(_TOKENIZERS)}")
-  return _TOKENIZERS[name](**options)
+  if "max_len" in options:
+    max_len = options.pop("max_len")
+    if options.setdefault("context_length", max_len) != max_len:
+      raise UserError(f"tokenizer options max_len={max_len} and context_length={options['context_length']} "
+                      "disagree (max_len is the old name of context_length)")
+  cls = _TOKENIZERS[name]()
+  accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+  unknown = sorted(set(options) - set(accepted))
+  if unknown:
+    raise UserError(f"tokenizer {name!r} has no option(s) {unknown}; its options: {accepted}")
+  return cls(**options)

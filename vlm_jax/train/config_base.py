@@ -70,8 +70,13 @@ def tiny_run() -> dict:
   """Run settings of the embedded synthetic default (2-core CPU, `make demo`)."""
   return dict(
       batch_size=256, total_steps=900, log_every_steps=20, eval_every_steps=0, checkpoint_every_steps=300,
-      data=ml_collections.ConfigDict({"name": "synthetic", "shards": "", "image_size": 32, "synthetic": {},
-                                      "num_threads": 2, "prefetch_buffer_size": 2}),
+      # the procedural default, rendered once into 32 shards of 4,096 samples (~1.8 epochs in 900 steps);
+      # no crop or flip: captions name positions ("on the left") and shapes whose aspect ratio matters
+      data=ml_collections.ConfigDict({
+          "name": "synthetic", "shards": "", "image_size": 32,
+          "synthetic": {"num_train": 1 << 17, "shard_size": 4096},
+          "augment": {"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "flip": False},
+          "shuffle_buffer": 2048, "cycle_length": 4, "workers": 0}),
       tokenizer=ml_collections.ConfigDict({"name": "words", "max_len": 24}),  # the longest captions fit
       optimizer=ml_collections.ConfigDict({
           "name": "adamw", "lr": 1e-3, "b1": 0.9, "b2": 0.98, "eps": 1e-6, "weight_decay": 0.05,
@@ -96,7 +101,8 @@ def micro_run() -> dict:
   run = tiny_run()
   run.update(batch_size=16, total_steps=6, log_every_steps=1, checkpoint_every_steps=1000,
              evals=ml_collections.ConfigDict())
-  run["data"].update({"image_size": 16, "num_threads": 1})
+  run["data"].update({"image_size": 16, "synthetic": {"num_train": 512, "shard_size": 64},
+                      "shuffle_buffer": 64})
   run["optimizer"].warmup_steps = 2
   return run
 
@@ -115,8 +121,9 @@ def full_run(res: int) -> dict:
   return dict(
       batch_size=32768, total_steps=100_000, log_every_steps=50, eval_every_steps=2000,
       checkpoint_every_steps=2000, keep_checkpoints=3,
-      data=ml_collections.ConfigDict({"name": "shards", "shards": "", "image_size": res}),
-      tokenizer=ml_collections.ConfigDict({"name": "clip", "max_len": 77}),
+      data=ml_collections.ConfigDict({"name": "shards", "shards": "", "image_size": res,
+                                      "shuffle_buffer": 10_000, "cycle_length": 8, "workers": 8}),
+      tokenizer=ml_collections.ConfigDict({"name": "clip_bpe", "context_length": 77}),
       optimizer=ml_collections.ConfigDict({
           "name": "adamw", "lr": 5e-4, "b1": 0.9, "b2": 0.98, "eps": 1e-6, "weight_decay": 0.2,
           "wd_mask": r"(^|/)kernel$", "clip_norm": 1.0, "schedule": "cosine", "warmup_steps": 10_000,

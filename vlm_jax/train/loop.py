@@ -93,6 +93,16 @@ def _first_rows(batch: dict, n: int) -> dict:
   return {k: v[:n] for k, v in batch.items()}
 
 
+def _data_stats(data_iter) -> dict:
+  """The data pipeline's counters (e.g. `data/skipped/<reason>`), summed over processes."""
+  stats = data_iter.stats() if hasattr(data_iter, "stats") else {}
+  if stats and jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    total = multihost_utils.process_allgather(np.asarray(list(stats.values()), np.int64)).sum(0)
+    stats = dict(zip(stats, (int(v) for v in total)))
+  return stats
+
+
 def train(config, workdir: str, *, make_data: Callable, model, loss_fn: Callable,
           evaluators: dict[str, Callable] | None = None, params_override: Callable | None = None,
           quiet: bool = False) -> dict:
@@ -165,6 +175,7 @@ def _train(config, workdir, preempt, *, make_data, model, loss_fn, evaluators, p
         dt = time.perf_counter() - t0
         metrics["images_per_sec"] = images / dt if dt > 0 else 0.0
         metrics.pop("step_finite", None)
+        metrics.update(_data_stats(data_iter))
         last.update(writer.write(done, metrics))
         if int(metrics["skipped_steps"]) > skipped_seen:
           log.warning("skipped %d non-finite step(s) up to step %d (total %d)",

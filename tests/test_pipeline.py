@@ -1,0 +1,209 @@
+"""The tar-shard pipeline: patterns, reading, robustness with exact skip counts, exact resume, streams, workers."""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import numpy as np
+import pytest
+
+from tests import shard_fixtures as fx
+from vlm_jax.data import pipeline, shard_stream, shards
+from vlm_jax.data.tokenizers import get_tokenizer
+from vlm_jax.errors import UserError
+
+TOK = get_tokenizer("bytes", context_length=12)
+S = 16
+
+
+def _data(spec, **kw):
+  return {"shards": spec, "image_size": S, "shuffle_buffer": 0, "cycle_length": 1,
+          "augment": {"crop_scale": (0.5, 1.0), "flip": True}, **kw}
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert set(x) == set(y)
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+# ---- patterns and the reader ----------------------------------------------------------------------------------
+
+def test_expand_patterns_braces_globs_lists_weights(tmp_path):
+  d = str(tmp_path)
+  paths = fx.write_clean(d, 3, 2, prefix="a") + fx.write_clean(d, 2, 2, prefix="b")
+  got = shards.expand_shards(f"{d}/a-{{00000..00002}}.tar:3,{d}/b-*.tar")
+  assert got == [(paths[:3], 3.0), (paths[3:], 1.0)]
+  assert shards.expand_shards([f"{d}/a-00001.tar", f"file://{d}/b-00000.tar:0.5"]) == [
+      ([paths[1]], 1.0), ([f"file://{d}/b-00000.tar"], 0.5)]
+  with pytest.raises(UserError, match="no shard matches"):
+    shards.expand_shards(f"{d}/c-{{00000..00009}}.tar")
+  with pytest.raises(UserError, match="no shard matches"):
+    shards.expand_shards(f"{d}/nothing-*.tar")
+  with pytest.raises(UserError, match="weight"):
+    shards.expand_shards(f"{d}/a-00000.tar:-1")
+
+
+def test_writer_reader_round_trip_and_resume_offsets(tmp_path):
+  paths = fx.write_clean(str(tmp_path), 2, 5)
+  items = list(shards.read_shard(paths[1]))
+  assert [it.caption for it, _ in items] == [f"sample {i}" for i in range(5, 10)]
+  assert [it.label for it, _ in items] == list(range(5, 10)) and items[-1][1] == -1
+  for k in range(4):  # restarting at any sample boundary continues exactly
+    rest = list(shards.read_shard(paths[1], items[k][1]))
+    assert [it.key for it, _ in rest] == [it.key for it, _ in items[k + 1:]]
+
+
+def test_reader_reports_each_defect_exactly(tmp_path):
+  n_good = fx.write_dirty(str(tmp_path / "dirty.tar"))
+  items = [it for it, _ in shards.read_shard(str(tmp_path / "dirty.tar"))]
+  skips = collections.Counter(it.reason for it in items if isinstance(it, shards.Skip))
+  assert skips == fx.DIRTY_READER_SKIPS
+  samples = [it for it in items if isinstance(it, shards.Sample)]
+  assert len(samples) == n_good + sum(fx.DIRTY_DECODE_SKIPS.values())
+  assert "../../escape" in {s.key for s in samples}  # read as a key, never as a path
+  assert not os.path.exists(tmp_path.parent / "escape.png")
+  fx.write_truncated(str(tmp_path / "trunc.tar"), n_good=3)
+  items = [it for it, _ in shards.read_shard(str(tmp_path / "trunc.tar"))]
+  assert [type(it).__name__ for it in items] == ["Sample"] * 3 + ["Skip"]
+  assert items[-1].reason == "truncated_shard"
+  items = [it for it, _ in shards.read_shard(str(tmp_path / "missing.tar"))]
+  assert len(items) == 1 and items[0].reason == "unreadable_shard"
+
+
+# ---- the pipeline ---------------------------------------------------------------------------------------------
+
+def test_pipeline_skips_and_counts_every_defect_exactly(tmp_path):
+  """One epoch over clean, dirty, truncated and missing shards: every valid sample once, every defect counted."""
+  d = str(tmp_path)
+  clean = fx.write_clean(d, 1, 4)
+  n_dirty = fx.write_dirty(f"{d}/dirty.tar")
+  fx.write_truncated(f"{d}/trunc.tar", n_good=3)
+  spec = f"{d}/{{clean-00000.tar,dirty.tar,trunc.tar,missing.tar}}"  # one source of four shards
+  [(paths, _)] = shards.expand_shards(spec)
+  data = _data(spec)
+  n_good = 4 + n_dirty + 3
+  it = pipeline.make_train_iterator(data, global_batch_size=1, seed=3, tokenizer=TOK)
+  captions = [TOK.decode(next(it)["text"][0]) for _ in range(n_good)]
+  assert sorted(captions) == sorted([f"sample {i}" for i in range(4)] + [f"good {i}" for i in range(n_dirty)]
+                                    + [f"trunc {i}" for i in range(3)])
+  # Expected counts by hand: every defect of the shards read before the epoch's last valid sample.
+  order = [shard_stream._ShardSamplesIterator(shard_stream.ShardSamples(paths, seed=3 * 1_000_003))._shard(i)
+           for i in range(4)]
+  per_shard = {f"{d}/dirty.tar": {**fx.DIRTY_READER_SKIPS, **fx.DIRTY_DECODE_SKIPS},
+               f"{d}/trunc.tar": {"truncated_shard": 1}, f"{d}/missing.tar": {"unreadable_shard": 1},
+               clean[0]: {}}
+  expected = collections.Counter()
+  for p in order:
+    expected.update(per_shard[p])
+  # A defect after the epoch's last valid sample is counted with the next valid sample (next epoch): a
+  # missing shard at the end of the order, and then the truncation at the end of trunc.tar if it is last.
+  while order[-1] == f"{d}/missing.tar":
+    expected["unreadable_shard"] -= 1
+    order.pop()
+  if order[-1] == f"{d}/trunc.tar":
+    expected["truncated_shard"] -= 1
+  got = {k.split("/")[-1]: v for k, v in it.stats().items() if v}
+  assert got == {k: v for k, v in expected.items() if v}, (order, got)
+  assert set(shards.SKIP_REASONS) - set(got) <= {"truncated_shard", "unreadable_shard"}
+
+
+def test_pipeline_batches_resume_exactly_mid_shard(tmp_path):
+  spec = f"{tmp_path}/clean-{{00000..00005}}.tar"
+  fx.write_clean(str(tmp_path), 6, 7)
+  data = _data(spec, shuffle_buffer=10, cycle_length=3)
+  it = pipeline.make_train_iterator(data, global_batch_size=4, seed=5, tokenizer=TOK, views=True)
+  first = _take(it, 3)
+  b = first[0]
+  assert b["image"].shape == (4, S, S, 3) and b["image"].dtype == np.float32
+  assert b["text"].shape == (4, 12) and b["text"].dtype == np.int32 and b["label"].dtype == np.int32
+  assert b["image_view1"].shape == b["image"].shape and not np.array_equal(b["image_view1"], b["image_view2"])
+  state = it.get_state()  # 12 samples in: mid-shard (7 per shard) and mid-window
+  more = _take(it, 12)    # crosses shard ends and an epoch boundary (42 samples)
+  it2 = pipeline.make_train_iterator(data, global_batch_size=4, seed=5, tokenizer=TOK, views=True)
+  it2.set_state(state)
+  _assert_batches_equal(more, _take(it2, 12))
+  _assert_batches_equal(first + more, _take(pipeline.make_train_iterator(
+      data, global_batch_size=4, seed=5, tokenizer=TOK, views=True), 15))
+  labels = np.concatenate([x["label"] for x in first + more])
+  # the first 4 windows (40 samples) come from the first epoch (42 samples): no sample twice
+  assert len(set(labels[:40].tolist())) == 40 and labels[:40].max() < 42
+  other = next(pipeline.make_train_iterator(data, global_batch_size=4, seed=6, tokenizer=TOK, views=True))
+  assert not np.array_equal(other["label"], b["label"])
+
+
+def test_streams_make_process_count_irrelevant(tmp_path):
+  fx.write_clean(str(tmp_path), 4, 5)
+  data = _data(f"{tmp_path}/clean-*.tar", streams=2, shuffle_buffer=8, cycle_length=2)
+  whole = _take(pipeline.make_train_iterator(data, global_batch_size=6, seed=2, tokenizer=TOK), 4)
+  parts = [_take(pipeline.make_train_iterator(data, global_batch_size=6, seed=2, tokenizer=TOK,
+                                              process_index=p, process_count=2), 4) for p in range(2)]
+  for step in range(4):
+    for k in whole[step]:
+      np.testing.assert_array_equal(np.concatenate([parts[0][step][k], parts[1][step][k]]), whole[step][k])
+  # each process reads a disjoint half of the shards (shards 0, 2 vs 1, 3 → labels 0–4, 10–14 vs 5–9, 15–19)
+  seen = [{int(x) % 10 // 5 for b in part for x in b["label"]} for part in parts]
+  assert seen == [{0}, {1}]
+  with pytest.raises(UserError, match="multiple"):
+    pipeline.make_train_iterator(data, global_batch_size=6, seed=2, tokenizer=TOK, process_index=0,
+                                 process_count=4)
+
+
+def test_worker_processes_resume_exactly(tmp_path):
+  fx.write_clean(str(tmp_path), 4, 6)
+  data = _data(f"{tmp_path}/clean-*.tar", workers=2, shuffle_buffer=5, cycle_length=2)
+  it = pipeline.make_train_iterator(data, global_batch_size=4, seed=1, tokenizer=TOK)
+  _take(it, 3)
+  state = it.get_state()
+  more = _take(it, 5)
+  it2 = pipeline.make_train_iterator(data, global_batch_size=4, seed=1, tokenizer=TOK)
+  it2.set_state(state)
+  _assert_batches_equal(more, _take(it2, 5))
+
+
+def test_weighted_mixture_follows_weights(tmp_path):
+  a = fx.write_clean(str(tmp_path), 2, 10, prefix="a")
+  b = fx.write_clean(str(tmp_path), 2, 10, prefix="b", seed=1)
+  data = _data(f"{tmp_path}/a-*.tar:3,{tmp_path}/b-*.tar:1", shuffle_buffer=16)
+  it = pipeline.make_train_iterator(data, global_batch_size=8, seed=0, tokenizer=TOK)
+  images = np.concatenate([next(it)["image"] for _ in range(50)])
+  # which source each decoded image came from, by its pixels
+  size_img = {}
+  for src, paths in (("a", a), ("b", b)):
+    for p in paths:
+      for s, _ in shards.read_shard(p):
+        img = pipeline.transforms.decode_image(s.image)
+        size_img[pipeline.transforms.normalize(pipeline.transforms.resize_center_crop(img, S)).tobytes()] = src
+  del size_img  # crops are random: compare at the raw level instead (the mixture is decided before decoding)
+  ds = pipeline.grain.IterDataset.mix([shard_stream.ShardSamples(a, seed=0), shard_stream.ShardSamples(b, seed=1)],
+                                      [3, 1])
+  raw = iter(ds)
+  a_images = {s.image for p in a for s, _ in shards.read_shard(p)}
+  frac_a = np.mean([next(raw)["image"] in a_images for _ in range(400)])
+  print(f"fraction from the weight-3 source: {frac_a:.3f} (expected 0.75)")
+  assert abs(frac_a - 0.75) < 0.03
+  assert images.shape == (400, S, S, 3)
+
+
+def test_pipeline_user_errors(tmp_path):
+  with pytest.raises(UserError, match="no shard matches"):
+    pipeline.make_train_iterator(_data(f"{tmp_path}/none-*.tar"), global_batch_size=2, seed=0, tokenizer=TOK)
+  fx.write_clean(str(tmp_path), 1, 3)
+  with pytest.raises(UserError, match="cannot feed 2 data streams"):
+    pipeline.make_train_iterator(_data(f"{tmp_path}/clean-*.tar", streams=2), global_batch_size=2, seed=0,
+                                 tokenizer=TOK)
+  with pytest.raises(UserError, match="unknown data option"):
+    pipeline.make_train_iterator(_data(f"{tmp_path}/clean-*.tar", shufle=3), global_batch_size=2, seed=0,
+                                 tokenizer=TOK)
+  with open(tmp_path / "junk.tar", "wb") as f:
+    f.write(b"\0" * 100)
+  it = pipeline.make_train_iterator(_data(f"{tmp_path}/junk.tar"), global_batch_size=2, seed=0, tokenizer=TOK)
+  with pytest.raises(UserError, match="no readable sample"):
+    next(it)

@@ -1,0 +1,92 @@
+"""Image preprocessing, documented exactly (papers lose points on silent resize differences).
+
+Decode (`decode_image`): Pillow; JPEGs are decoded in draft mode, which lets libjpeg scale by 1/2, 1/4 or 1/8
+while decoding, to the smallest scale whose image still has both sides ≥ the requested size; every mode
+(grayscale, CMYK, palette, with or without alpha, 16-bit) becomes 8-bit RGB with `Image.convert('RGB')`
+(palette images with transparency go through RGBA first). Alpha is dropped, not composited, as open_clip does.
+
+Train (`random_resized_crop`): the Inception crop (Szegedy et al. 2015) used by CLIP/open_clip and SimCLR — a
+box with area fraction ~ U(scale) of the image and log-uniform aspect ratio in `ratio`, up to 10 tries, else
+the central crop with the ratio clamped to `ratio` (torchvision's fallback); resized to S×S with bicubic
+interpolation (Pillow, antialiased); then an optional horizontal flip with probability ½.
+
+Eval (`resize_center_crop`): resize the shorter side to S (bicubic, antialiased), then the central S×S crop
+(CLIP's eval transform).
+
+Normalise (`normalize`): x/255 → (x − mean)/std per channel; CLIP's mean/std by default.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+  """Any Pillow mode → 8-bit RGB (alpha dropped)."""
+  if img.mode == "RGB":
+    return img
+  if img.mode == "P" and "transparency" in img.info:
+    img = img.convert("RGBA")
+  if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    img = Image.fromarray((np.asarray(img, np.float64) / 257.0).clip(0, 255).astype(np.uint8))
+  return img.convert("RGB")
+
+
+def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
+  """Decodes image bytes fully (raises on corrupt or truncated data); RGB. See the module docstring."""
+  img = Image.open(io.BytesIO(data))
+  if draft_size and img.format == "JPEG":
+    img.draft("RGB", (int(draft_size), int(draft_size)))
+  img.load()
+  return to_rgb(img)
+
+
+def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator, scale=(0.9, 1.0),
+                        ratio=(3 / 4, 4 / 3), flip: bool = False) -> np.ndarray:
+  """Inception-style crop resized to size×size (bicubic) + optional flip; uint8 [size, size, 3]."""
+  w, h = img.size
+  area = w * h
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  box = None
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    cw, ch = math.sqrt(target * aspect), math.sqrt(target / aspect)
+    if 0 < cw <= w and 0 < ch <= h:
+      x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+      box = (x0, y0, x0 + cw, y0 + ch)
+      break
+  if box is None:  # central crop with the aspect ratio clamped into `ratio`
+    aspect = w / h
+    cw, ch = (w, w / ratio[0]) if aspect < ratio[0] else ((h * ratio[1], h) if aspect > ratio[1] else (w, h))
+    cw, ch = min(cw, w), min(ch, h)
+    box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
+  out = np.asarray(img.resize((size, size), Image.BICUBIC, box=box))
+  if flip and rng.random() < 0.5:
+    out = out[:, ::-1]
+  return np.ascontiguousarray(out)
+
+
+def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
+  """Shorter side → size (bicubic), central size×size crop; uint8 [size, size, 3]."""
+  w, h = img.size
+  s = size / min(w, h)
+  nw, nh = max(size, round(w * s)), max(size, round(h * s))
+  if (nw, nh) != (w, h):
+    img = img.resize((nw, nh), Image.BICUBIC)
+  x0, y0 = (nw - size) // 2, (nh - size) // 2
+  return np.asarray(img.crop((x0, y0, x0 + size, y0 + size)))
+
+
+def normalize(images: np.ndarray, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
+  """uint8 [..., 3] → float32 (x/255 − mean)/std."""
+  mean = np.asarray(mean, np.float32) * 255.0
+  inv_std = 1.0 / (np.asarray(std, np.float32) * 255.0)
+  return (images.astype(np.float32) - mean) * inv_std

@@ -207,3 +207,20 @@ def test_pipeline_user_errors(tmp_path):
   it = pipeline.make_train_iterator(_data(f"{tmp_path}/junk.tar"), global_batch_size=2, seed=0, tokenizer=TOK)
   with pytest.raises(UserError, match="no readable sample"):
     next(it)
+
+
+def test_remote_paths_stream_through_fsspec(tmp_path):
+  """Shards behind an fsspec URL (here the in-memory filesystem) are globbed and streamed without local files."""
+  import fsspec
+  local = fx.write_clean(str(tmp_path), 2, 3)
+  fs = fsspec.filesystem("memory")
+  for p in local:
+    fs.pipe(f"/bucket/{os.path.basename(p)}", open(p, "rb").read())
+  [(paths, _)] = shards.expand_shards("memory://bucket/clean-*.tar")
+  assert [p.replace(":///", "://") for p in paths] == ["memory://bucket/clean-00000.tar",
+                                                      "memory://bucket/clean-00001.tar"]
+  it = pipeline.make_train_iterator(_data("memory://bucket/clean-{00000..00001}.tar"), global_batch_size=6,
+                                    seed=0, tokenizer=TOK)
+  assert sorted(next(it)["label"].tolist()) == list(range(6))
+  with pytest.raises(UserError, match="no shard matches"):
+    shards.expand_shards("memory://bucket/other-{0..3}.tar")

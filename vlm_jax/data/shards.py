@@ -92,8 +92,7 @@ def _expand_one(pattern: str) -> list[str]:
   for p in braceexpand.braceexpand(pattern):
     if any(c in p for c in "*?["):
       fs, _, _ = fsspec.get_fs_token_paths(p)
-      proto = p.split("://", 1)[0] + "://" if "://" in p else ""
-      paths.extend(sorted(proto + g if proto and not g.startswith(proto) else g for g in fs.glob(p)))
+      paths.extend(sorted(fs.unstrip_protocol(g) if "://" in p else g for g in fs.glob(p)))
     else:
       paths.append(p)
   return paths

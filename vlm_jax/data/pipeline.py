@@ -66,7 +66,6 @@ DEFAULTS = {
     "streams": 0,                # data streams (0: the process count); see the module docstring
     "workers": 0,                # grain worker processes per stream (0: decode in this process)
     "worker_buffer": 2,          # batches prefetched per worker
-    "num_threads": 2, "prefetch_buffer_size": 2,  # unused by the shard pipeline; kept for old configs
 }
 
 

@@ -56,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.objectives = ml_collections.ConfigDict({"clip": 1.0})
   c.objective_hparams = ml_collections.ConfigDict()
   c.data = ml_collections.ConfigDict({"name": "synthetic", "shards": "", "image_size": 224})
-  c.tokenizer = ml_collections.ConfigDict({"name": "words", "max_len": 16})
+  c.tokenizer = ml_collections.ConfigDict({"name": "words", "context_length": 16})
   c.evals = ml_collections.ConfigDict()   # {name: {'kind': …, …}}; see vlm_jax.evaluate
   return c
 
@@ -70,14 +70,14 @@ def tiny_run() -> dict:
   """Run settings of the embedded synthetic default (2-core CPU, `make demo`)."""
   return dict(
       batch_size=256, total_steps=900, log_every_steps=20, eval_every_steps=0, checkpoint_every_steps=300,
-      # the procedural default, rendered once into 32 shards of 4,096 samples (~1.8 epochs in 900 steps);
+      # the procedural default, rendered once into 16 shards of 4,096 samples (3.5 epochs in 900 steps);
       # no crop or flip: captions name positions ("on the left") and shapes whose aspect ratio matters
       data=ml_collections.ConfigDict({
           "name": "synthetic", "shards": "", "image_size": 32,
-          "synthetic": {"num_train": 1 << 17, "shard_size": 4096},
+          "synthetic": {"num_train": 1 << 16, "shard_size": 4096},
           "augment": {"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "flip": False},
           "shuffle_buffer": 2048, "cycle_length": 4, "workers": 0}),
-      tokenizer=ml_collections.ConfigDict({"name": "words", "max_len": 24}),  # the longest captions fit
+      tokenizer=ml_collections.ConfigDict({"name": "words", "context_length": 24}),  # the longest captions fit
       optimizer=ml_collections.ConfigDict({
           "name": "adamw", "lr": 1e-3, "b1": 0.9, "b2": 0.98, "eps": 1e-6, "weight_decay": 0.05,
           "wd_mask": r"(^|/)kernel$", "clip_norm": 1.0, "schedule": "cosine", "warmup_steps": 100,

@@ -112,7 +112,7 @@ def test_pipeline_skips_and_counts_every_defect_exactly(tmp_path):
     expected["truncated_shard"] -= 1
   got = {k.split("/")[-1]: v for k, v in it.stats().items() if v}
   assert got == {k: v for k, v in expected.items() if v}, (order, got)
-  assert set(shards.SKIP_REASONS) - set(got) <= {"truncated_shard", "unreadable_shard"}
+  assert set(shards.SKIP_REASONS) - set(got) <= {"truncated_shard", "unreadable_shard", "unreadable_file"}
 
 
 def test_pipeline_batches_resume_exactly_mid_shard(tmp_path):
@@ -224,3 +224,28 @@ def test_remote_paths_stream_through_fsspec(tmp_path):
   assert sorted(next(it)["label"].tolist()) == list(range(6))
   with pytest.raises(UserError, match="no shard matches"):
     shards.expand_shards("memory://bucket/other-{0..3}.tar")
+
+
+def test_image_folder_source_trains_like_shards(tmp_path):
+  """root/class_name/*.jpg streams with per-epoch shuffles, exact resume and skip counting."""
+  root = tmp_path / "pets"
+  for c, name in enumerate(["golden_retriever", "tabby_cat"]):
+    (root / name / "sub").mkdir(parents=True)
+    for i in range(5):
+      (root / name / "sub" / f"{i}.jpg").write_bytes(fx.image_bytes(10 * c + i, "JPEG"))
+  (root / "tabby_cat" / "broken.png").write_bytes(b"garbage")
+  (root / "tabby_cat" / "notes.txt").write_text("not an image")
+  data = {"image_folder": str(root), "image_size": S, "caption_template": "a {}"}
+  it = pipeline.make_train_iterator(data, global_batch_size=11, seed=0, tokenizer=TOK)
+  b = next(it)
+  assert sorted(b["label"].tolist()) == [0] * 5 + [1] * 5 + [int(b["label"][-1])]  # one epoch + 1
+  assert {TOK.decode(t) for t in b["text"]} == {"a golden r", "a tabby ca"}  # SOT + 10 bytes + EOT
+  state = it.get_state()
+  more = _take(it, 3)
+  it2 = pipeline.make_train_iterator(data, global_batch_size=11, seed=0, tokenizer=TOK)
+  it2.set_state(state)
+  _assert_batches_equal(more, _take(it2, 3))
+  assert it.stats()["data/skipped/corrupt_image"] == it2.stats()["data/skipped/corrupt_image"] >= 1
+  with pytest.raises(UserError, match="cannot read image folder"):
+    pipeline.make_train_iterator({"image_folder": str(tmp_path / "nope"), "image_size": S}, global_batch_size=2,
+                                 seed=0, tokenizer=TOK)

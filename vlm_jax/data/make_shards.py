@@ -47,12 +47,12 @@ from typing import Iterator
 from PIL import Image
 
 from vlm_jax.data import shards, transforms
+from vlm_jax.data.image_folder import FOLDER_IMAGE_EXTS, list_image_folder
 from vlm_jax.errors import UserError, exit_on_user_error
 
 IMAGE_COLUMNS = ("filepath", "image", "image_path", "path")
 CAPTION_COLUMNS = ("caption", "title", "text")
 LABEL_COLUMNS = ("label",)
-FOLDER_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 _KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 # Why an input was not written; stats.json counts them under "skipped".
 SKIP_REASONS = ("bad_line", "missing_image", "not_local_path", "missing_file", "unreadable_file",
@@ -212,22 +212,6 @@ def _jsonl_records(path: str, args) -> Iterator:
         yield _record(base, first(obj, image_keys), first(obj, caption_keys), first(obj, label_keys))
 
   return rows()
-
-
-def list_image_folder(root: str) -> tuple[list[str], list[tuple[str, int]]]:
-  """(sorted class names, [(path relative to root, class index)]) of `root/class_name/…/image`."""
-  try:
-    classes = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
-  except OSError as e:
-    raise UserError(f"cannot read --input {root} ({e.strerror})") from None
-  files = []
-  for index, name in enumerate(classes):
-    for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=True):
-      dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-      for fn in sorted(filenames):
-        if not fn.startswith(".") and fn.lower().endswith(FOLDER_IMAGE_EXTS):
-          files.append((os.path.relpath(os.path.join(dirpath, fn), root), index))
-  return classes, files
 
 
 def _folder_records(root: str, classes: list[str], files: list[tuple[str, int]]) -> Iterator:

@@ -44,15 +44,17 @@ import grain
 import numpy as np
 from PIL import Image
 
-from vlm_jax.data import shard_stream, shards, synthetic, synthetic_shards, transforms
+from vlm_jax.data import image_folder, shard_stream, shards, synthetic, synthetic_shards, transforms
 from vlm_jax.errors import UserError
 
 CLIP_MEAN, CLIP_STD = transforms.CLIP_MEAN, transforms.CLIP_STD
 normalize = transforms.normalize
-SOURCES = ("synthetic", "shards")
+SOURCES = ("synthetic", "shards", "image_folder")
 DEFAULTS = {
-    "name": "synthetic",         # 'synthetic' (the embedded default) or 'shards' (data.shards required)
+    "name": "synthetic",         # 'synthetic' (the embedded default), 'shards' or 'image_folder'
     "shards": "",                # PATTERN[:weight],… (see shards.expand_shards); setting it implies 'shards'
+    "image_folder": "",          # root/class_name/…/image (image_folder.py); setting it implies 'image_folder'
+    "caption_template": "{}",    # image_folder: caption from the class name, e.g. 'a photo of a {}.'
     "image_size": 224,
     "synthetic": {},             # SyntheticShapes options + num_train, shard_size
     "cache_dir": "",             # where the synthetic shards are rendered (default $VLM_JAX_CACHE or ~/.cache)
@@ -89,10 +91,14 @@ def _options(data_config) -> dict:
     raise UserError(f"unknown data.augment option(s) {bad}; valid: {sorted(DEFAULTS['augment'])}")
   if out["shards"]:
     out["name"] = "shards"
+  elif out["image_folder"]:
+    out["name"] = "image_folder"
   if out["name"] not in SOURCES:
     raise UserError(f"unknown data source {out['name']!r}; available: {list(SOURCES)}")
   if out["name"] == "shards" and not out["shards"]:
     raise UserError("data.name='shards' needs data.shards=PATTERN[:weight],…")
+  if out["name"] == "image_folder" and not out["image_folder"]:
+    raise UserError("data.name='image_folder' needs data.image_folder=ROOT (ROOT/class_name/image.jpg)")
   return out
 
 
@@ -248,10 +254,15 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int, token
   if not 0 <= process_index < process_count:
     raise UserError(f"process_index {process_index} not in [0, {process_count})")
   size = _image_size(cfg, None)
-  sources = shard_sources(cfg, quiet=quiet)
-  for paths, _ in sources:
-    if len(paths) < streams:
-      raise UserError(f"{len(paths)} shard(s) cannot feed {streams} data streams; use more shards")
+  if cfg["name"] == "image_folder":
+    classes, files = image_folder.list_image_folder(cfg["image_folder"])
+    if len(files) < streams:
+      raise UserError(f"{len(files)} image(s) under the class folders of {cfg['image_folder']}: not enough")
+  else:
+    sources = shard_sources(cfg, quiet=quiet)
+    for paths, _ in sources:
+      if len(paths) < streams:
+        raise UserError(f"{len(paths)} shard(s) cannot feed {streams} data streams; use more shards")
   fn = functools.partial(
       _example, seed=int(seed), size=size, tokenizer=tokenizer, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
       augment=cfg["augment"], views=views, view_scale=tuple(cfg["view_scale"]))
@@ -260,11 +271,15 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int, token
   datasets = []
   for s in mine:
     stream_seed = int(seed) * 1_000_003 + s
-    parts = [shard_stream.ShardSamples(paths[s::streams], seed=stream_seed, cycle_length=int(cfg["cycle_length"]),
-                                       resample=bool(cfg["resample"]), caption_field=cfg["caption_field"] or None)
-             for paths, _ in sources]
-    ds = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, [w for _, w in sources])
-    if int(cfg["shuffle_buffer"]) > 1:
+    if cfg["name"] == "image_folder":  # random access: a full shuffle per epoch, no window needed
+      src = image_folder.ImageFolderFiles(cfg["image_folder"], files[s::streams], classes, cfg["caption_template"])
+      ds = grain.MapDataset.source(src).shuffle(seed=stream_seed).repeat().to_iter_dataset()
+    else:
+      parts = [shard_stream.ShardSamples(paths[s::streams], seed=stream_seed, cycle_length=int(cfg["cycle_length"]),
+                                         resample=bool(cfg["resample"]), caption_field=cfg["caption_field"] or None)
+               for paths, _ in sources]
+      ds = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, [w for _, w in sources])
+    if int(cfg["shuffle_buffer"]) > 1 and cfg["name"] != "image_folder":
       ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=int(cfg["shuffle_buffer"]), seed=stream_seed)
     ds = _DecodeSkip(ds, functools.partial(fn, seed=stream_seed)).batch(per_stream, drop_remainder=True)
     if int(cfg["workers"]) > 0:

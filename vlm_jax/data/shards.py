@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Why a sample (or the rest of a shard) was skipped; metrics.jsonl logs `data/skipped/<reason>`.
 SKIP_REASONS = ("corrupt_image", "empty_member", "missing_image", "missing_caption", "empty_caption",
-                "bad_text", "bad_label", "truncated_shard", "unreadable_shard")
+                "bad_text", "bad_label", "truncated_shard", "unreadable_shard", "unreadable_file")
 
 
 @dataclasses.dataclass(frozen=True)

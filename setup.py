@@ -21,12 +21,13 @@ INSTALL_REQUIRES = [
     "ftfy>=6.1,<7",              # CLIP BPE text cleaning (parity with open_clip)
     "regex>=2023.0",             # CLIP BPE pre-tokenisation (\p{L}, \p{N})
     "sentencepiece>=0.2,<0.3",
+    "tensorflow-datasets>=4.9,<5",  # tfds.data_source (ArrayRecord), read without TensorFlow
 ]
 
 EXTRAS = {
     "dev": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "portpicker>=1.6"],
     "interop": ["torch==2.14.1", "torchvision==0.29.1", "open-clip-torch>=3,<4", "transformers>=4.45,<6",
-                "safetensors>=0.4", "webdataset>=0.2.100,<2"],
+                "safetensors>=0.4", "timm>=1.0,<2", "webdataset>=0.2.100,<2", "psutil>=5"],
     "gcs": ["gcsfs>=2024.6"],
     "wandb": ["wandb>=0.18,<1"],
 }
@@ -37,11 +38,14 @@ setup(
     description="Vision-language model pre-training, transfer and distillation in JAX/Flax",
     python_requires=">=3.10",
     packages=find_packages(include=["vlm_jax", "vlm_jax.*"]),
+    package_data={"vlm_jax.evaluate": ["templates/*.txt"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
-            "vlm-pretrain=vlm_jax.pretrain:run",
+            "vlm-pretrain=vlm_jax.pretrain:main",
+            "vlm-evaluate=vlm_jax.evaluate.cli:main",
+            "vlm-convert=vlm_jax.convert:main",
             "vlm-make-shards=vlm_jax.data.make_shards:main",
             "vlm-train-tokenizer=vlm_jax.data.train_tokenizer:main",
         ],

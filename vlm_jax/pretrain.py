@@ -76,5 +76,10 @@ def zeroshot_summary(metrics: dict) -> str | None:
           f"(step {metrics.get('step')})")
 
 
-if __name__ == "__main__":
+def main() -> None:
+  """Console-script entry (`vlm-pretrain`): like `run`, but returns None so the exit status is 0."""
   run()
+
+
+if __name__ == "__main__":
+  main()

@@ -6,6 +6,8 @@ from a ConfigDict: `vlm_jax.runner.pretrain(config, workdir)`.
 
 from __future__ import annotations
 
+import os
+
 from vlm_jax import objectives
 from vlm_jax.data import pipeline, tokenizers
 from vlm_jax.errors import UserError
@@ -62,6 +64,7 @@ def pretrain(config, workdir: str, *, quiet: bool = False) -> dict:
         process_index=process_index, process_count=process_count,
         views=float(config.objectives.get("simclr", 0.0)) > 0, quiet=quiet)
 
-  evaluators = make_evaluators(config.get("evals"), model=model, tokenizer=tokenizer, data_config=config.data)
+  evaluators = make_evaluators(config.get("evals"), model=model, tokenizer=tokenizer, data_config=config.data,
+                               plot_dir=os.path.join(workdir, "plots"))
   return loop.train(config, workdir, make_data=make_data, model=model, loss_fn=loss_fn, evaluators=evaluators,
                     params_override=lit_init(config), quiet=quiet)

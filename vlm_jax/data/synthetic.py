@@ -9,7 +9,9 @@ class of an object is the pair (shape, colour), with
 A deterministic set of held-out pairs (16 of 64 by default: every shape misses exactly two colours and every
 colour misses exactly two shapes, so each still appears with six partners) NEVER appears in a 'train' image or
 caption; the 'eval_unseen' split shows only those pairs, 'eval_seen' only the others, one object per image, so
-zero-shot classification over all 64 classes measures compositional generalisation (chance 1/64).
+zero-shot classification over all 64 classes measures compositional generalisation (chance 1/64). The
+'eval_retrieval' split draws held-out scenes like the training ones (1–3 objects of seen pairs, from its own
+random stream), and `SyntheticShapes.captions` gives several different captions of one scene (retrieval).
 
 Everything is a pure function of (seed, split, index): `SyntheticShapes` is a random-access source (`__len__`,
 `__getitem__`) usable as a grain data source. An element is a dict
@@ -65,9 +67,10 @@ COLOURS: tuple[tuple[str, tuple[int, int, int], tuple[str, ...]], ...] = (
 SIZE_WORDS = {0: ("small", "tiny", "little"), 1: ("medium", "mid-sized"), 2: ("large", "big")}
 PREFIXES = ("", "a photo of ", "a picture of ", "an image of ", "there is ", "a rendering of ")
 SUFFIXES = ("", "", "", " on a textured background")
-SPLITS = ("train", "eval_seen", "eval_unseen")
+SPLITS = ("train", "eval_seen", "eval_unseen", "eval_retrieval")  # append only: the index keys the rng
 # relative diameter ranges (fraction of the image side) per size class: small, medium, large
 _SIZE_RANGES = ((0.30, 0.38), (0.40, 0.50), (0.52, 0.66))
+_SIZE_EDGES = (0.39, 0.51)  # diameter fractions separating the size classes (recovers a scene's size words)
 _MULTI_MAX_DIAM = 0.45  # objects of multi-object images sit in distinct quadrants
 N_TEXTURES = 256  # background textures per source (each scene adds its own grey level, tint and contrast)
 
@@ -267,7 +270,7 @@ class SyntheticShapes:
     self.unseen_classes = np.sort(held[:, 0] * n_colours + held[:, 1]).astype(np.int32)
     self.seen_classes = np.setdiff1d(np.arange(self.n_classes), self.unseen_classes).astype(np.int32)
     self._pool = {"train": self.seen_classes, "eval_seen": self.seen_classes,
-                  "eval_unseen": self.unseen_classes}[split]
+                  "eval_unseen": self.unseen_classes, "eval_retrieval": self.seen_classes}[split]
     if num_samples is None:
       num_samples = (1 << 24) if split == "train" else eval_per_class * len(self._pool)
     self.num_samples = int(num_samples)
@@ -289,7 +292,7 @@ class SyntheticShapes:
       raise IndexError(index)
     d = _Draws(np.random.default_rng((self.seed, SPLITS.index(self.split), int(index))))
     s = self.image_size
-    if self.split == "train":
+    if self.split in ("train", "eval_retrieval"):
       k = d.choice(self.object_probs) + 1
       classes = [int(self._pool[d.integers(len(self._pool))]) for _ in range(k)]
     else:  # class-balanced single objects
@@ -320,6 +323,23 @@ class SyntheticShapes:
                   d.uniform(0.3, 1.0) * self.texture_amplitude)
     return Scene(tuple(classes), tuple(centers), tuple(diams), tuple(rgbs), caption,
                  content_label(classes, self.n_classes), background)
+
+  def captions(self, scene: Scene, n: int, rng: np.random.Generator, max_tries: int = 200) -> list[str]:
+    """`n` different captions of one scene drawn by the training caption sampler (synonyms, size and position
+    words, prefixes), `scene.caption` first; raises `UserError` when the scene has fewer variants."""
+    sizes = [0 if d / self.image_size < _SIZE_EDGES[0] else 1 if d / self.image_size < _SIZE_EDGES[1] else 2
+             for d in scene.diameters]
+    out, draws = [scene.caption], _Draws(rng)
+    for _ in range(max_tries * n):
+      if len(out) >= n:
+        break
+      c = self._caption(draws, scene.classes, scene.centers, sizes)
+      if c not in out:
+        out.append(c)
+    if len(out) < n:
+      raise UserError(f"a scene of {len(scene.classes)} object(s) gave only {len(out)} different captions, "
+                      f"{n} requested")
+    return out[:n]
 
   def _caption(self, d: _Draws, classes, centers, size_ids) -> str:
     phrases = []

@@ -75,13 +75,19 @@ def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator, s
 
 
 def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
-  """Shorter side → size (bicubic), central size×size crop; uint8 [size, size, 3]."""
+  """Shorter side → size (bicubic), central size×size crop; uint8 [size, size, 3].
+
+  Pixel-exact with CLIP's/open_clip's eval transform (torchvision Resize(size) + CenterCrop(size) on PIL): the
+  long side becomes int(size · long / short) (truncated), the crop starts at int(round((n − size) / 2)).
+  """
   w, h = img.size
-  s = size / min(w, h)
-  nw, nh = max(size, round(w * s)), max(size, round(h * s))
+  if w <= h:
+    nw, nh = size, int(size * h / w)
+  else:
+    nw, nh = int(size * w / h), size
   if (nw, nh) != (w, h):
     img = img.resize((nw, nh), Image.BICUBIC)
-  x0, y0 = (nw - size) // 2, (nh - size) // 2
+  x0, y0 = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
   return np.asarray(img.crop((x0, y0, x0 + size, y0 + size)))
 
 

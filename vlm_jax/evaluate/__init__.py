@@ -2,39 +2,71 @@
 
 `config.evals = {'<name>': {'kind': 'zeroshot_synthetic', …}}`; `make_evaluators` turns it into
 `{name: fn(variables) -> {metric: value}}` for the training loop (run every `eval_every_steps` and at the end)
-and for the standalone entry point. Embeddings are computed batched and sharded over the mesh (`embed.py`).
+and for the standalone entry point (`python -m vlm_jax.evaluate`). Every metric key is `<name>/<metric>`: the
+evaluator's own prefix is replaced by its name in the config, so two zero-shot evaluators on different data
+report `imagenet/top1` and `cifar10/top1`. Embeddings are computed batched and sharded over the mesh
+(`embed.py`).
+
+A kind maps to a builder `builder(cfg, *, model, tokenizer, data_config, plot_dir) -> fn(variables) -> dict`;
+`plot_dir` is None (no plots) or the run's `plots/` directory, written by process 0 only. Builders are imported
+on first use, so a run pays (imports, data rendering) only for the evaluators it configures.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+from typing import Any, Callable, Mapping
 
 from vlm_jax.errors import UserError
-from vlm_jax.evaluate.embed import Embedder
 
 
-def _zeroshot_synthetic(cfg, *, model, tokenizer, data_config) -> Callable:
-  from vlm_jax.evaluate import zeroshot
-  batch_size = int(cfg.get("batch_size", 256))
-  image_size = int(cfg.get("image_size", 0) or data_config.image_size)
-  enc_img = Embedder(model, "encode_image", batch_size)
-  enc_txt = Embedder(model, "encode_text", batch_size)
+def _lazy(module: str, attr: str) -> Callable:
+  """The builder `vlm_jax.evaluate.<module>.<attr>`, imported when first called."""
+
+  def build(cfg, **kwargs):
+    return getattr(importlib.import_module(f"vlm_jax.evaluate.{module}"), attr)(cfg, **kwargs)
+
+  build.__name__ = f"{module}.{attr}"
+  return build
+
+
+KINDS = {
+    "zeroshot_synthetic": _lazy("zeroshot", "synthetic_evaluator"),
+    "retrieval_synthetic": _lazy("retrieval", "synthetic_evaluator"),
+    "retrieval_jsonl": _lazy("retrieval", "jsonl_evaluator"),
+    "linear_probe_synthetic": _lazy("linear_probe", "synthetic_evaluator"),
+    "fewshot_synthetic": _lazy("linear_probe", "fewshot_synthetic_evaluator"),
+    "segmentation_synthetic": _lazy("segmentation", "synthetic_evaluator"),
+}
+
+
+def options(cfg: Mapping | None, defaults: Mapping[str, Any], where: str) -> dict:
+  """An evaluator's options: `defaults` updated by `cfg` (minus 'kind'); unknown keys raise `UserError`."""
+  cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else (cfg or {}))
+  cfg.pop("kind", None)
+  unknown = sorted(set(cfg) - set(defaults))
+  if unknown:
+    raise UserError(f"unknown option(s) {unknown} for {where}; valid: {sorted(defaults)}")
+  return {**defaults, **cfg}
+
+
+def _renamed(fn: Callable, name: str) -> Callable:
+  """`fn` with every metric key's first path segment replaced by the evaluator's name."""
 
   def run(variables) -> dict:
-    return zeroshot.evaluate_synthetic(lambda x: enc_img(variables, x), lambda t: enc_txt(variables, t),
-                                       tokenizer, data_config=data_config, image_size=image_size,
-                                       batch_size=batch_size)
+    return {f"{name}/{k.split('/', 1)[-1]}": v for k, v in fn(variables).items()}
+
   return run
 
 
-KINDS = {"zeroshot_synthetic": _zeroshot_synthetic}
-
-
-def make_evaluators(evals_config, *, model, tokenizer, data_config) -> dict[str, Callable]:
+def make_evaluators(evals_config, *, model, tokenizer, data_config,
+                    plot_dir: str | None = None) -> dict[str, Callable]:
+  """{name: fn(variables) -> {'<name>/<metric>': value}} for the evaluators of `evals_config`."""
   out = {}
   for name, cfg in (evals_config or {}).items():
     kind = cfg.get("kind", name)
     if kind not in KINDS:
       raise UserError(f"unknown evaluator kind {kind!r} for evals.{name}; available: {sorted(KINDS)}")
-    out[name] = KINDS[kind](cfg, model=model, tokenizer=tokenizer, data_config=data_config)
+    fn = KINDS[kind](cfg, model=model, tokenizer=tokenizer, data_config=data_config, plot_dir=plot_dir)
+    out[name] = _renamed(fn, name)
   return out

@@ -2,11 +2,13 @@
 
 `Embedder` jit-compiles a model method once per batch shape, splits a host array into fixed-size batches
 (the last one padded, so shapes never change), places each batch sharded over the mesh's batch axes and returns
-the concatenated, un-padded result on the host of every process.
+the concatenated, un-padded result on the host of every process. The jitted function is shared by all
+Embedders of the same (model, method, mesh).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -20,20 +22,12 @@ class Embedder:
 
   def __init__(self, model, method: str, batch_size: int = 256, mesh=None):
     self.model, self.method, self.batch_size, self.mesh = model, method, int(batch_size), mesh
-    self._fn: Callable | None = None
-
-  def _compiled(self, mesh):
-    if self._fn is None:
-      def apply(variables, x):
-        return self.model.apply(variables, x, method=self.method)
-      self._fn = jax.jit(apply, out_shardings=mesh_lib.replicated(mesh))
-    return self._fn
 
   def __call__(self, variables: Any, x: np.ndarray) -> np.ndarray:
-    mesh = self.mesh or _current_mesh()
+    mesh = self.mesh or current_mesh()
     dp = mesh_lib.data_parallel_size(mesh)
     bs = -(-min(self.batch_size, max(len(x), 1)) // dp) * dp  # a multiple of the data-parallel size
-    fn = self._compiled(mesh)
+    fn = _compiled(self.model, self.method, mesh)
     out = []
     for start in range(0, len(x), bs):
       chunk = x[start:start + bs]
@@ -46,7 +40,17 @@ class Embedder:
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
-def _current_mesh():
+@functools.lru_cache(maxsize=16)
+def _compiled(model, method: str, mesh) -> Callable:
+  """One jitted apply per (model, method, mesh), shared by every Embedder: evaluators that embed with the same
+  model compile each batch shape once. (Flax modules hash and compare by their configuration.)"""
+
+  def apply(variables, x):
+    return model.apply(variables, x, method=method)
+  return jax.jit(apply, out_shardings=mesh_lib.replicated(mesh))
+
+
+def current_mesh():
   """The mesh set by `jax.set_mesh` (the training loop sets it), else all devices on `data`."""
   mesh = jax.sharding.get_mesh()
   if mesh is None or getattr(mesh, "empty", True):

@@ -83,7 +83,11 @@ def build_encoder(cfg, defaults: Mapping[str, Any] | None = None, allowed_kinds=
 
 
 def build_model(config):
-  """`TwoTower` model from `config.model` (ConfigDict or dict); see CONTRACTS.md for the keys."""
+  """`TwoTower` model from `config.model` (ConfigDict or dict); see CONTRACTS.md for the keys.
+
+  Options for converted SigLIP checkpoints: `project_image` (default True; a ResNet decides from its
+  `output_dim`), `text_proj_bias` (default False) and `max_log_logit_scale` (default ln 100; None: unclamped).
+  """
   from vlm_jax.models.two_tower import TwoTower  # noqa: PLC0415 (keeps `import vlm_jax.models` light)
 
   cfg = _plain(config)
@@ -94,12 +98,14 @@ def build_model(config):
   image_cfg, text_cfg = _plain(cfg.get("image")), _plain(cfg.get("text"))
   if not image_cfg or not text_cfg:
     raise UserError("model config needs both `image` and `text` encoder dicts")
-  project_image, image_defaults = True, defaults
+  project_image, image_defaults = bool(cfg.get("project_image", True)), defaults
   if image_cfg.get("kind") == "resnet":
     image_cfg.setdefault("output_dim", embed_dim)  # open_clip: the attention pool projects to embed_dim
     project_image = int(image_cfg["output_dim"]) != embed_dim
     image_defaults = dict(defaults, remat=defaults["remat"] != "none")  # ModifiedResNet.remat is a bool
   image = build_encoder(image_cfg, image_defaults, IMAGE_KINDS)
+  if not project_image and getattr(image, "width", embed_dim) != embed_dim and image_cfg.get("kind") == "vit":
+    raise UserError(f"project_image=False needs the ViT width ({image.width}) to equal embed_dim ({embed_dim})")
   text = build_encoder(text_cfg, defaults, TEXT_KINDS)
 
   ratio = float(cfg.get("flip_mask_ratio", 0.0) or 0.0)
@@ -109,11 +115,13 @@ def build_model(config):
     raise UserError("flip_mask_ratio > 0 needs a ViT image tower (kind='vit')")
   head = _plain(cfg.get("simclr_head"))
   bias = cfg.get("logit_bias_init")
+  max_log_scale = cfg.get("max_log_logit_scale", math.log(100.))
   return TwoTower(
       img=image, txt=text, embed_dim=embed_dim,
       logit_scale_init=float(cfg.get("logit_scale_init", math.log(1 / 0.07))),
       logit_bias_init=None if bias is None else float(bias),
-      project_image=project_image,
+      project_image=project_image, text_proj_bias=bool(cfg.get("text_proj_bias", False)),
+      max_log_logit_scale=None if max_log_scale is None else float(max_log_scale),
       simclr_hidden=int(head.get("hidden", 0)) if head else 0,
       simclr_out=int(head.get("out", 0)) if head else 0,
       flip_mask_ratio=ratio, dtype=dtype, param_dtype=param_dtype)

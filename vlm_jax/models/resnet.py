@@ -261,8 +261,12 @@ class ModifiedResNet(nn.Module):
     return cls(**spec)
 
   @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-    """images [B, H, W, 3] (normalised, H and W multiples of 32) -> {'pooled', 'tokens'}."""
+  def __call__(self, images: jax.Array, *, train: bool = False, dense: bool = False) -> dict[str, jax.Array]:
+    """images [B, H, W, 3] (normalised, H and W multiples of 32) -> {'pooled', 'tokens'}.
+
+    `dense` is accepted for interface parity with `ViT`: `tokens` are always MaskCLIP dense features.
+    """
+    del dense
     if len(self.layers) != 4:
       raise ValueError(f"ModifiedResNet has 4 stages, got layers={tuple(self.layers)}")
     ura = not (train and self.train_batch_stats)

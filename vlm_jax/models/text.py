@@ -29,7 +29,11 @@ def eot_positions_from_ids(ids: jax.Array) -> jax.Array:
 
 
 class TextTransformer(nn.Module):
-  """Text encoder of CLIP (Radford et al. 2021); `embed(ids)` gives the token-embedding lookup alone."""
+  """Text encoder of CLIP (Radford et al. 2021); `embed(ids)` gives the token-embedding lookup alone.
+
+  SigLIP's text tower (Zhai et al. 2023) is `causal=False, pool_type='last', norm_eps=1e-6`: it reads the
+  feature at the last position of the fixed-length row, whatever token (pad or EOS) sits there.
+  """
   vocab_size: int = 49408
   max_len: int = 77
   width: int = 512
@@ -39,6 +43,7 @@ class TextTransformer(nn.Module):
   causal: bool = True
   pool_type: str = "eot"
   act: str = "gelu"
+  norm_eps: float = 1e-5
   dropout: float = 0.0
   prompt_start: int = 1
   scan: bool = False
@@ -56,8 +61,8 @@ class TextTransformer(nn.Module):
         "pos_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")),
         (self.max_len, self.width), self.param_dtype)
     self.encoder = Encoder(
-        depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim, act=self.act, dropout=self.dropout,
-        causal=self.causal, prompt_start=self.prompt_start, scan=self.scan, remat=self.remat,
+        depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim, act=self.act, norm_eps=self.norm_eps,
+        dropout=self.dropout, causal=self.causal, prompt_start=self.prompt_start, scan=self.scan, remat=self.remat,
         dtype=self.dtype, param_dtype=self.param_dtype, name="Transformer")
 
   def embed(self, ids):

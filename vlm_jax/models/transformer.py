@@ -152,6 +152,10 @@ class Block(nn.Module):
 
   Deep prompts (VPT-deep, Jia et al. 2022; MaPLe, Khattak et al. 2023): when `prompt` [B|1, P, D] is given
   and `use_prompt` is true, tokens [prompt_start, prompt_start + P) are replaced by `prompt` before the block.
+  MaskCLIP dense mode (Zhou et al. 2022, "Extract Free Dense Labels from CLIP", §3.2): when `self_only` is
+  true every token attends only to itself, so the attention output of token i is out(v_i) — the value path
+  with no query-key attention — and the block computes x_i + out(v(LN(x_i))), then the usual residual MLP.
+  `self_only` may be a Python bool or a traced scalar (a per-layer flag under `nn.scan`).
   Returns (x, None) so the block can be the body of `nn.scan`.
   """
   num_heads: int
@@ -160,11 +164,12 @@ class Block(nn.Module):
   dropout: float = 0.0
   prompt_start: int = 0
   deterministic: bool = True
+  norm_eps: float = 1e-5
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask=None, prompt=None, use_prompt=None):
+  def __call__(self, x, mask=None, prompt=None, use_prompt=None, self_only=None):
     if prompt is not None:
       s, p = self.prompt_start, prompt.shape[-2]
       prompt = jnp.broadcast_to(prompt.astype(x.dtype), (x.shape[0], p, x.shape[-1]))
@@ -173,11 +178,16 @@ class Block(nn.Module):
       x = jax.lax.dynamic_update_slice_in_dim(x, new, s, axis=1)
     x = nn.with_logical_constraint(x, ACT)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    y = layer_norm(name="ln1", **kw)(x)
+    if self_only is not None:
+      eye = jnp.eye(x.shape[1], dtype=bool)[None, None]
+      full = jnp.ones_like(eye) if mask is None else jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape,
+                                                                                                 eye.shape))
+      mask = jnp.where(self_only, eye, full)
+    y = layer_norm(name="ln1", eps=self.norm_eps, **kw)(x)
     y = Attention(self.num_heads, name="attn", **kw)(y, mask=mask)
     y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
     x = nn.with_logical_constraint(x + y, ACT)
-    y = layer_norm(name="ln2", **kw)(x)
+    y = layer_norm(name="ln2", eps=self.norm_eps, **kw)(x)
     y = Mlp(self.mlp_dim, self.act, self.dropout, self.deterministic, name="mlp", **kw)(y)
     y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
     x = nn.with_logical_constraint(x + y, ACT)
@@ -192,7 +202,9 @@ class Encoder(nn.Module):
   (see `REMAT_POLICIES`). `causal` adds the autoregressive mask; `mask` (boolean, broadcastable to
   [B, heads, L, L]) is combined with it. `prompts` [n, P, D] or [n, B, P, D] (n <= depth) replace tokens
   [prompt_start, prompt_start + P) before each of the first n blocks (VPT-deep / MaPLe); the caller has
-  already placed P tokens there.
+  already placed P tokens there. `dense=True` runs the last block in MaskCLIP mode (each token attends only to
+  itself: see `Block`), for dense patch features (Zhou et al. 2022). `norm_eps` is the epsilon of every
+  LayerNorm (1e-5 as CLIP; SigLIP checkpoints use 1e-6, Zhai et al. 2023).
   """
   depth: int
   num_heads: int
@@ -204,11 +216,12 @@ class Encoder(nn.Module):
   scan: bool = False
   remat: str = "none"
   final_norm: bool = True
+  norm_eps: float = 1e-5
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask=None, prompts=None, *, train: bool = False):
+  def __call__(self, x, mask=None, prompts=None, *, train: bool = False, dense: bool = False):
     if self.causal:
       cm = causal_mask(x.shape[1])
       mask = cm if mask is None else jnp.logical_and(mask, cm)
@@ -228,22 +241,24 @@ class Encoder(nn.Module):
     if self.remat != "none":
       block_cls = nn.remat(Block, policy=policy, prevent_cse=not self.scan)
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, act=self.act, dropout=self.dropout,
-              prompt_start=self.prompt_start, deterministic=not train, dtype=self.dtype,
+              prompt_start=self.prompt_start, deterministic=not train, norm_eps=self.norm_eps, dtype=self.dtype,
               param_dtype=self.param_dtype)
     x = nn.with_logical_constraint(x, ACT)
     if self.scan:
       stack = nn.scan(
           block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-          in_axes=(nn.broadcast, 0, 0), length=self.depth,
+          in_axes=(nn.broadcast, 0, 0, 0), length=self.depth,
           metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(name="blocks", **kw)(x, mask, prompts, use)
+      self_only = (jnp.arange(self.depth) == self.depth - 1) if dense else None
+      x, _ = stack(name="blocks", **kw)(x, mask, prompts, use, self_only)
     else:
       for i in range(self.depth):
         p_i = None if prompts is None else prompts[i]
         u_i = None if use is None else use[i]
-        x, _ = block_cls(name=f"block_{i}", **kw)(x, mask, p_i, u_i)
+        s_i = True if dense and i == self.depth - 1 else None
+        x, _ = block_cls(name=f"block_{i}", **kw)(x, mask, p_i, u_i, s_i)
     if self.final_norm:
-      x = layer_norm(self.dtype, self.param_dtype, name="ln_final")(x)
+      x = layer_norm(self.dtype, self.param_dtype, name="ln_final", eps=self.norm_eps)(x)
     return nn.with_logical_constraint(x, ACT)
 
 

@@ -31,9 +31,10 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
 
 
-def _projection(features: int, name: str, dtype: Dtype, param_dtype: Dtype) -> nn.Dense:
-  return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name,
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None)))
+def _projection(features: int, name: str, dtype: Dtype, param_dtype: Dtype, use_bias: bool = False) -> nn.Dense:
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None)),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
 
 
 class SimCLRHead(nn.Module):
@@ -64,7 +65,10 @@ class TwoTower(nn.Module):
 
   Both encoders return {'pooled', 'tokens'} and take `train=`; the image encoder must also accept
   `keep_idx=` and expose `num_patches(image_shape)` when `flip_mask_ratio > 0`. `project_image=False` skips
-  the image projection (CLIP ResNets project inside their attention pool).
+  the image projection (CLIP ResNets project inside their attention pool; SigLIP's image embedding is the MAP
+  head's output). `text_proj_bias` gives the text projection a bias (SigLIP's text head, Zhai et al. 2023).
+  `max_log_logit_scale` clamps log t (CLIP: ln 100, Radford et al. 2021); None leaves t unclamped, as SigLIP,
+  whose trained t can exceed 100.
   """
   img: nn.Module
   txt: nn.Module
@@ -73,6 +77,8 @@ class TwoTower(nn.Module):
   logit_bias_init: float | None = None
   project_image: bool = True
   project_text: bool = True
+  text_proj_bias: bool = False
+  max_log_logit_scale: float | None = MAX_LOG_LOGIT_SCALE
   simclr_hidden: int = 0  # 0: no SimCLR head
   simclr_out: int = 0
   flip_mask_ratio: float = 0.0
@@ -83,7 +89,7 @@ class TwoTower(nn.Module):
     if self.project_image:
       self.img_proj = _projection(self.embed_dim, "img_proj", self.dtype, self.param_dtype)
     if self.project_text:
-      self.txt_proj = _projection(self.embed_dim, "txt_proj", self.dtype, self.param_dtype)
+      self.txt_proj = _projection(self.embed_dim, "txt_proj", self.dtype, self.param_dtype, self.text_proj_bias)
     self.log_logit_scale = self.param(
         "log_logit_scale", nn.initializers.constant(self.logit_scale_init), (), jnp.float32)
     if self.logit_bias_init is not None:
@@ -117,9 +123,27 @@ class TwoTower(nn.Module):
     """L2-normalised text embeddings ztxt [B, embed_dim] (float32) for token ids [B, L]."""
     return self._embed_text(self.txt(ids, train=train))
 
+  def encode_dense(self, images, *, train: bool = False):
+    """L2-normalised dense image embeddings [B, h, w, embed_dim] (float32), MaskCLIP-style (Zhou et al. 2022).
+
+    The image tower's dense tokens (`dense=True`: the value path of the last attention, see `ViT` and
+    `ModifiedResNet`) pass through the same image projection as the pooled embedding, so each location can be
+    scored against text embeddings. (h, w) is the token grid, row-major, with the image's aspect ratio.
+    """
+    tokens = self.img(images, train=train, dense=True)["tokens"]
+    z = l2_normalize(self.img_proj(tokens) if self.project_image else tokens)
+    b, n, e = z.shape
+    h = max(1, int(round(math.sqrt(n * images.shape[1] / images.shape[2]))))
+    if n % h:
+      raise ValueError(f"cannot arrange {n} dense tokens into a grid for images of shape {images.shape}")
+    return z.reshape(b, h, n // h, e)
+
   def logit_scale(self):
-    """Temperature t = exp(min(log_logit_scale, ln 100)) (CLIP clamps the learned scale at 100)."""
-    return jnp.exp(jnp.minimum(self.log_logit_scale, MAX_LOG_LOGIT_SCALE))
+    """Temperature t = exp(min(log_logit_scale, ln 100)) (CLIP clamps the learned scale at 100; see
+    `max_log_logit_scale`)."""
+    if self.max_log_logit_scale is None:
+      return jnp.exp(self.log_logit_scale)
+    return jnp.exp(jnp.minimum(self.log_logit_scale, self.max_log_logit_scale))
 
   def __call__(self, batch, *, train: bool = False):
     """batch: {'image' [B,H,W,3], 'text' int [B,L], optional 'image_view1'/'image_view2'} -> outputs dict."""

@@ -107,25 +107,34 @@ class MAPHead(nn.Module):
 
   A learned probe attends over the tokens, followed by a residual MLP: pooled = y + MLP(LN(y)),
   y = Attn(probe, x). `mask` [B, N] (True = keep) excludes tokens from the attention.
+  `dense=True` returns per-token features [B, N, D] through the head's value path instead (MaskCLIP, Zhou et
+  al. 2022, applied to attention pooling as for CLIP's ResNet): y_i = out(v(x_i)), then y_i + MLP(LN(y_i)).
+  The layout (probe; q/k/v/out projections with biases; LN; MLP) holds SigLIP's pooling heads exactly: Hugging
+  Face's `nn.MultiheadAttention` (packed in_proj split into q/k/v) and timm's `AttentionPoolLatent` (q, packed
+  kv, proj). `norm_eps` is the LayerNorm epsilon.
   """
   num_heads: int
   mlp_dim: int
   act: str = "gelu"
+  norm_eps: float = 1e-5
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask=None):
-    b, _, d = x.shape
+  def __call__(self, x, mask=None, dense: bool = False):
+    b, n, d = x.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     probe = self.param("probe", nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
                                                              (None, None, "embed")),
                        (1, 1, d), self.param_dtype)
-    probe = jnp.broadcast_to(probe.astype(x.dtype), (b, 1, d))
-    attn_mask = None if mask is None else mask[:, None, None, :]
-    y = Attention(self.num_heads, name="attn", **kw)(probe, x, mask=attn_mask)
-    y = y + Mlp(self.mlp_dim, self.act, name="mlp", **kw)(layer_norm(name="ln", **kw)(y))
-    return y[:, 0]
+    if dense:  # every token is its own query and attends only to itself: the value path
+      q, attn_mask = x, jnp.eye(n, dtype=bool)[None, None]
+    else:
+      q = jnp.broadcast_to(probe.astype(x.dtype), (b, 1, d))
+      attn_mask = None if mask is None else mask[:, None, None, :]
+    y = Attention(self.num_heads, name="attn", **kw)(q, x, mask=attn_mask)
+    y = y + Mlp(self.mlp_dim, self.act, name="mlp", **kw)(layer_norm(name="ln", eps=self.norm_eps, **kw)(y))
+    return y if dense else y[:, 0]
 
 
 class ViT(nn.Module):
@@ -134,9 +143,18 @@ class ViT(nn.Module):
   `tokens` are the patch tokens after the final LayerNorm (no [CLS], no prompt tokens); with `keep_idx` they
   are the K kept patches in the given order. `image_size` fixes the learned position-table grid
   (image_size // patch_size); other input resolutions resize the table bilinearly at call time (parameters
-  keep their shape). The [CLS] token gets no position embedding (big_vision convention; an OpenAI checkpoint's
-  class position embedding folds into `cls`). `pre_norm` adds CLIP's LayerNorm before the transformer
-  (Radford et al. 2021).
+  keep their shape). By default the [CLS] token gets no position embedding (big_vision convention);
+  `cls_posemb=True` gives it a learned one of its own (param `cls_pos_embedding` [1, 1, D], added to `cls`), as
+  OpenAI CLIP's ViT (Radford et al. 2021), whose position table's first row belongs to the class token; this keeps
+  converted checkpoints exact both ways. `pre_norm` adds CLIP's LayerNorm before the transformer (Radford et al.
+  2021). `norm_eps` is the epsilon of every LayerNorm (1e-6 in SigLIP checkpoints, Zhai et al. 2023).
+
+  `dense=True` returns MaskCLIP dense features (Zhou et al. 2022, "Extract Free Dense Labels from CLIP") as
+  `tokens`: with 'cls' or 'gap' pooling the last block runs with the value path only (each token attends to
+  itself: x_i + out(v(LN(x_i))), then the residual MLP), followed by the final LayerNorm, as MaskCLIP's ViT;
+  with 'map' pooling the transformer is unchanged and the tokens go through the MAP head's value path (the
+  attention-pool recipe MaskCLIP uses for CLIP's ResNet). In dense mode `pooled` is the pooling of the
+  modified network ('map': the usual pooled output); use `dense=False` for the global embedding.
   """
   width: int = 768
   depth: int = 12
@@ -149,7 +167,9 @@ class ViT(nn.Module):
   stem: str = "patch"
   patch_bias: bool = True
   pre_norm: bool = False
+  cls_posemb: bool = False
   act: str = "gelu"
+  norm_eps: float = 1e-5
   dropout: float = 0.0
   scan: bool = False
   remat: str = "none"
@@ -176,9 +196,12 @@ class ViT(nn.Module):
                                ("stem", self.stem, STEMS)):
       if value not in valid:
         raise UserError(f"unknown ViT {name} {value!r}; valid choices: {', '.join(valid)}")
+    if self.cls_posemb and self.pool_type != "cls":
+      raise UserError(f"cls_posemb=True needs pool_type='cls', got {self.pool_type!r}")
 
   @nn.compact
-  def __call__(self, images, *, keep_idx=None, keep_mask=None, prompts=None, train: bool = False):
+  def __call__(self, images, *, keep_idx=None, keep_mask=None, prompts=None, train: bool = False,
+               dense: bool = False):
     """images [B, H, W, C]; keep_idx int [B, K] or keep_mask bool [B, N]; prompts [n, (B,) P, D]."""
     self._check()
     if keep_idx is not None and keep_mask is not None:
@@ -214,7 +237,12 @@ class ViT(nn.Module):
     if self.pool_type == "cls":
       cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
                        (1, 1, d), self.param_dtype)
-      front.append(jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d)))
+      cls = cls.astype(x.dtype)
+      if self.cls_posemb:
+        cls = cls + self.param("cls_pos_embedding", nn.with_logical_partitioning(
+            nn.initializers.normal(stddev=1 / math.sqrt(d)), (None, None, "embed")),
+                               (1, 1, d), self.param_dtype).astype(x.dtype)
+      front.append(jnp.broadcast_to(cls, (b, 1, d)))
     start = len(front)
     if prompts is not None:
       if prompts.ndim == 3:
@@ -223,15 +251,16 @@ class ViT(nn.Module):
     x = jnp.concatenate(front + [x], axis=1) if front else x
     n_front = x.shape[1] - n
     if self.pre_norm:
-      x = layer_norm(name="ln_pre", **kw)(x)
+      x = layer_norm(name="ln_pre", eps=self.norm_eps, **kw)(x)
 
     mask = None
     if keep_mask is not None:
       keys = jnp.concatenate([jnp.ones((b, n_front), bool), keep_mask.astype(bool)], axis=1)
       mask = keys[:, None, None, :]
     x = Encoder(depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim, act=self.act,
-                dropout=self.dropout, prompt_start=start, scan=self.scan, remat=self.remat,
-                name="Transformer", **kw)(x, mask, prompts, train=train)
+                norm_eps=self.norm_eps, dropout=self.dropout, prompt_start=start, scan=self.scan,
+                remat=self.remat, name="Transformer", **kw)(x, mask, prompts, train=train,
+                                          dense=dense and self.pool_type != "map")
     tokens = x[:, n_front:]
 
     if self.pool_type == "cls":
@@ -243,5 +272,8 @@ class ViT(nn.Module):
         w = keep_mask.astype(tokens.dtype)[..., None]
         pooled = (tokens * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.)
     else:
-      pooled = MAPHead(self.num_heads, self.mlp_dim, self.act, name="MAPHead", **kw)(tokens, keep_mask)
+      head = MAPHead(self.num_heads, self.mlp_dim, self.act, self.norm_eps, name="MAPHead", **kw)
+      pooled = head(tokens, keep_mask)
+      if dense:
+        tokens = head(tokens, dense=True)
     return {"pooled": pooled, "tokens": tokens}

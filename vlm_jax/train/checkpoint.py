@@ -80,22 +80,35 @@ def _state_path(directory: str) -> str:
   raise UserError(f"no vlm_jax checkpoint found in {directory}")
 
 
-def load_params(directory: str) -> dict:
-  """All parameters (trainable and frozen, merged) of the newest checkpoint under `directory`, as numpy.
-
-  Reads host-side without a target tree, so it works whatever mesh the checkpoint was written on.
-  """
-  from flax import traverse_util
+def _restore_host(directory: str, items: tuple[str, ...]) -> dict:
+  """The `items` subtrees of the newest TrainState under `directory`, as numpy, without a target tree (so it
+  works whatever mesh the checkpoint was written on)."""
   path = _state_path(directory)
   ckptr = ocp.PyTreeCheckpointer()
   tree = ckptr.metadata(path).item_metadata.tree
-  tree = {k: tree[k] for k in ("params", "frozen") if k in tree}
+  tree = {k: tree[k] for k in items if k in tree}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  state = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args,
-                                                                partial_restore=True))
+  return ckptr.restore(path, args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args,
+                                                          partial_restore=True))
+
+
+def _merged_params(state: dict) -> dict:
+  from flax import traverse_util
   flat = traverse_util.flatten_dict(state.get("params") or {}, sep="/")
   flat.update(traverse_util.flatten_dict(state.get("frozen") or {}, sep="/"))
   return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def load_params(directory: str) -> dict:
+  """All parameters (trainable and frozen, merged) of the newest checkpoint under `directory`, as numpy."""
+  return _merged_params(_restore_host(directory, ("params", "frozen")))
+
+
+def load_variables(directory: str) -> dict:
+  """The `model.apply` variables of the newest checkpoint under `directory`, as numpy: {'params': trainable and
+  frozen merged, plus the other collections, e.g. a ResNet's 'batch_stats'}."""
+  state = _restore_host(directory, ("params", "frozen", "extra"))
+  return {"params": _merged_params(state), **(state.get("extra") or {})}
 
 
 def copy_params(target: dict, source: dict, pattern: str, *, source_name: str = "checkpoint") -> dict:

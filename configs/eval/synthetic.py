@@ -1,0 +1,24 @@
+"""Evaluation suite of the embedded synthetic default, on a pre-training checkpoint:
+
+  python -m vlm_jax.evaluate --config=configs/eval/synthetic.py --workdir=DIR      (DIR: a pre-training run)
+
+Zero-shot classification of held-out seen / unseen (shape, colour) pairs (+ multi-label mAP on multi-object
+images), image-text retrieval with five captions per image, linear probe and 1/4-shot linear probes. The model,
+tokenizer and data options come from the checkpoint's saved config; `data` here overrides data options.
+Writes DIR/eval/synthetic.json and plots under DIR/plots/. `synthetic.py:micro` is a seconds-long version
+(tests).
+"""
+
+import ml_collections
+
+from vlm_jax.train import config_base as cb
+
+
+def get_config(arg=None):
+  a = cb.parse_arg(arg, variant="standalone")
+  c = ml_collections.ConfigDict()
+  c.name = "synthetic"
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+  c.data = ml_collections.ConfigDict()  # overrides of the checkpoint's data config
+  c.evals = cb.synthetic_evals(a.variant)
+  return c

@@ -1,0 +1,93 @@
+"""Prompt templates and per-class descriptions for zero-shot classification, read from data files.
+
+Templates (Radford et al. 2021, CLIP §3.1.4: "a photo of a {}." and ensembles of such prompts) live as package
+data in `vlm_jax/evaluate/templates/<name>.txt`, one template per line with `{}` where the class name goes
+(CLIP_benchmark's `{c}` is accepted too); lines starting with `#` are comments. Bundled sets:
+
+  clip_imagenet   CLIP's 80-template ImageNet ensemble, verbatim
+  generic         six neutral variants of "a photo of a {}."
+  synthetic       the caption prefixes of the procedural dataset (`vlm_jax.data.synthetic`)
+
+`load_templates` also takes a path to such a file or a list of strings. Descriptions are CuPL-style JSON files
+(Pratt et al. 2023, "What does a platypus look like? Generating customized prompts for zero-shot image
+classification"): `{class name: [sentence, …]}`, the sentences used as that class's prompts verbatim.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import os
+from typing import Sequence
+
+from vlm_jax.errors import UserError
+
+_PACKAGE = "vlm_jax.evaluate"
+_DIR = "templates"
+
+
+def available() -> list[str]:
+  """Names of the bundled template sets."""
+  root = importlib.resources.files(_PACKAGE) / _DIR
+  return sorted(p.name[:-4] for p in root.iterdir() if p.name.endswith(".txt"))
+
+
+def _parse(text: str, source: str) -> tuple[str, ...]:
+  out = []
+  for n, line in enumerate(text.splitlines(), 1):
+    line = line.strip()
+    if not line or line.startswith("#"):
+      continue
+    line = line.replace("{c}", "{}")
+    if line.count("{}") != 1 or line.replace("{}", "").count("{") or line.replace("{}", "").count("}"):
+      raise UserError(f"{source}:{n}: a template needs exactly one '{{}}' (or '{{c}}') and no other braces: "
+                      f"{line!r}")
+    out.append(line)
+  if not out:
+    raise UserError(f"{source} holds no templates")
+  return tuple(out)
+
+
+def load_templates(spec: str | Sequence[str]) -> tuple[str, ...]:
+  """Templates from a bundled set name, a .txt path, or a list of template strings (validated)."""
+  if not isinstance(spec, str):
+    return _parse("\n".join(spec), "templates")
+  if os.path.sep in spec or spec.endswith(".txt"):
+    try:
+      with open(spec, encoding="utf-8") as f:
+        return _parse(f.read(), spec)
+    except OSError as e:
+      raise UserError(f"cannot read template file {spec}: {e.strerror or e}") from None
+  path = importlib.resources.files(_PACKAGE) / _DIR / f"{spec}.txt"
+  if not path.is_file():
+    raise UserError(f"unknown template set {spec!r}; bundled: {available()} (or give a .txt path)")
+  return _parse(path.read_text(encoding="utf-8"), f"templates/{spec}.txt")
+
+
+def fill(template: str, class_name: str) -> str:
+  """The prompt of one class: `{}` replaced by the class name (no other change)."""
+  return template.replace("{}", class_name)
+
+
+def load_descriptions(path: str, class_names: Sequence[str]) -> list[tuple[str, ...]]:
+  """CuPL descriptions of every class in `class_names`, in that order, from a JSON {class: [sentences]} file.
+
+  Raises `UserError` for an unreadable file, a malformed entry or a class without a non-empty list.
+  """
+  try:
+    with open(path, encoding="utf-8") as f:
+      table = json.load(f)
+  except OSError as e:
+    raise UserError(f"cannot read descriptions file {path}: {e.strerror or e}") from None
+  except json.JSONDecodeError as e:
+    raise UserError(f"descriptions file {path} is not valid JSON: {e}") from None
+  if not isinstance(table, dict):
+    raise UserError(f"descriptions file {path} must hold a JSON object {{class name: [sentences]}}")
+  out = []
+  for name in class_names:
+    sentences = table.get(name)
+    if not isinstance(sentences, list) or not sentences or not all(isinstance(s, str) and s.strip()
+                                                                     for s in sentences):
+      raise UserError(f"descriptions file {path} has no non-empty list of sentences for class {name!r}")
+    out.append(tuple(s.strip() for s in sentences))
+  return out

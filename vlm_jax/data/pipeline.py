@@ -49,12 +49,14 @@ from vlm_jax.errors import UserError
 
 CLIP_MEAN, CLIP_STD = transforms.CLIP_MEAN, transforms.CLIP_STD
 normalize = transforms.normalize
-SOURCES = ("synthetic", "shards", "image_folder")
+SOURCES = ("synthetic", "shards", "image_folder", "tfds")
 DEFAULTS = {
     "name": "synthetic",         # 'synthetic' (the embedded default), 'shards' or 'image_folder'
     "shards": "",                # PATTERN[:weight],… (see shards.expand_shards); setting it implies 'shards'
     "image_folder": "",          # root/class_name/…/image (image_folder.py); setting it implies 'image_folder'
-    "caption_template": "{}",    # image_folder: caption from the class name, e.g. 'a photo of a {}.'
+    "tfds": "",                  # NAME[:SPLIT] of a tfds dataset prepared as ArrayRecord; setting it implies 'tfds'
+    "tfds_dir": "",              # its tfds data_dir (default: tfds' own)
+    "caption_template": "{}",    # image_folder / tfds: caption from the class name, e.g. 'a photo of a {}.'
     "image_size": 224,
     "synthetic": {},             # SyntheticShapes options + num_train, shard_size
     "cache_dir": "",             # where the synthetic shards are rendered (default $VLM_JAX_CACHE or ~/.cache)
@@ -93,10 +95,14 @@ def _options(data_config) -> dict:
     out["name"] = "shards"
   elif out["image_folder"]:
     out["name"] = "image_folder"
+  elif out["tfds"]:
+    out["name"] = "tfds"
   if out["name"] not in SOURCES:
     raise UserError(f"unknown data source {out['name']!r}; available: {list(SOURCES)}")
   if out["name"] == "shards" and not out["shards"]:
     raise UserError("data.name='shards' needs data.shards=PATTERN[:weight],…")
+  if out["name"] == "tfds" and not out["tfds"]:
+    raise UserError("data.name='tfds' needs data.tfds=NAME[:SPLIT] (prepared with --file_format=array_record)")
   if out["name"] == "image_folder" and not out["image_folder"]:
     raise UserError("data.name='image_folder' needs data.image_folder=ROOT (ROOT/class_name/image.jpg)")
   return out
@@ -258,6 +264,13 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int, token
     classes, files = image_folder.list_image_folder(cfg["image_folder"])
     if len(files) < streams:
       raise UserError(f"{len(files)} image(s) under the class folders of {cfg['image_folder']}: not enough")
+  elif cfg["name"] == "tfds":
+    from vlm_jax.data import sources  # noqa: PLC0415 (tensorflow-datasets is imported only when used)
+    name, _, split = cfg["tfds"].partition(":")
+    table = sources.TfdsSource(name, split or "train", data_dir=cfg["tfds_dir"] or None,
+                               caption_template=cfg["caption_template"])
+    if len(table) < streams:
+      raise UserError(f"tfds {cfg['tfds']} has {len(table)} example(s): not enough for {streams} data streams")
   else:
     sources = shard_sources(cfg, quiet=quiet)
     for paths, _ in sources:
@@ -271,15 +284,19 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int, token
   datasets = []
   for s in mine:
     stream_seed = int(seed) * 1_000_003 + s
-    if cfg["name"] == "image_folder":  # random access: a full shuffle per epoch, no window needed
-      src = image_folder.ImageFolderFiles(cfg["image_folder"], files[s::streams], classes, cfg["caption_template"])
+    if cfg["name"] in ("image_folder", "tfds"):  # random access: a full shuffle per epoch, no window needed
+      if cfg["name"] == "image_folder":
+        src = image_folder.ImageFolderFiles(cfg["image_folder"], files[s::streams], classes,
+                                            cfg["caption_template"])
+      else:
+        src = sources.RawRows(table, range(s, len(table), streams))
       ds = grain.MapDataset.source(src).shuffle(seed=stream_seed).repeat().to_iter_dataset()
     else:
       parts = [shard_stream.ShardSamples(paths[s::streams], seed=stream_seed, cycle_length=int(cfg["cycle_length"]),
                                          resample=bool(cfg["resample"]), caption_field=cfg["caption_field"] or None)
                for paths, _ in sources]
       ds = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, [w for _, w in sources])
-    if int(cfg["shuffle_buffer"]) > 1 and cfg["name"] != "image_folder":
+    if int(cfg["shuffle_buffer"]) > 1 and cfg["name"] in ("synthetic", "shards"):
       ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=int(cfg["shuffle_buffer"]), seed=stream_seed)
     ds = _DecodeSkip(ds, functools.partial(fn, seed=stream_seed)).batch(per_stream, drop_remainder=True)
     if int(cfg["workers"]) > 0:

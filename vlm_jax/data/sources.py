@@ -152,6 +152,27 @@ class TfdsSource(_Decoder):
     label = int(record[self.label_key]) if self.label_key is not None else -1
     return self.element(bytes(record[self.image_key]), label)
 
+  def raw(self, index: int) -> dict[str, Any]:
+    """Element `index` undecoded, in the training stream's raw format (decoded and skipped by the pipeline)."""
+    record = self.source[int(index)]
+    label = int(record[self.label_key]) if self.label_key is not None else -1
+    data = bytes(record[self.image_key])
+    return {"image": data, "ext": "", "caption": self.caption(label), "label": label,
+            "skip": "" if data else "empty_member", "src": f"tfds:{self.name}:{self.split}"}
+
+
+class RawRows:
+  """The rows `indices` of a `TfdsSource` as a grain random-access source of raw training elements."""
+
+  def __init__(self, source: TfdsSource, indices: Sequence[int]):
+    self.source, self.indices = source, list(indices)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    return self.source.raw(self.indices[int(i)])
+
 
 def open_source(spec: str, *, split: str = "test", data_dir: str | None = None, image_size: int | None = None,
                 caption_template: str = "{}") -> ImageFolder | TfdsSource:

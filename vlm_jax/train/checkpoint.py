@@ -83,13 +83,19 @@ def _state_path(directory: str) -> str:
 def _restore_host(directory: str, items: tuple[str, ...]) -> dict:
   """The `items` subtrees of the newest TrainState under `directory`, as numpy, without a target tree (so it
   works whatever mesh the checkpoint was written on)."""
+  from absl import logging as absl_logging
   path = _state_path(directory)
   ckptr = ocp.PyTreeCheckpointer()
-  tree = ckptr.metadata(path).item_metadata.tree
-  tree = {k: tree[k] for k in items if k in tree}
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return ckptr.restore(path, args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args,
-                                                          partial_restore=True))
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)  # orbax warns that a bare item has no manager metadata
+  try:
+    tree = ckptr.metadata(path).item_metadata.tree
+    tree = {k: tree[k] for k in items if k in tree}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args,
+                                                            partial_restore=True))
+  finally:
+    absl_logging.set_verbosity(verbosity)
 
 
 def _merged_params(state: dict) -> dict:

@@ -89,8 +89,8 @@ def synthetic_evals(variant: str = "train") -> ml_collections.ConfigDict:
   """The evaluators of the synthetic default (see `vlm_jax.evaluate`) on held-out procedural images.
 
   'train' (inside the tiny pre-training run, a few seconds on 2 cores): zero-shot classification, retrieval and
-  linear probe; 'standalone' (configs/eval/synthetic.py) adds the multi-label mAP, more retrieval images and
-  1/4-shot linear probes; 'micro': a seconds-long 'standalone' for tests.
+  linear probe; 'standalone' (configs/eval/synthetic.py) adds the multi-label mAP, more retrieval images,
+  1/4-shot linear probes and zero-shot segmentation; 'micro': a seconds-long 'standalone' for tests.
   """
   sizes = {"train": (0, 256, 16, ()), "standalone": (512, 1024, 16, (1, 4)), "micro": (32, 32, 4, (1, 2))}
   if variant not in sizes:
@@ -101,6 +101,8 @@ def synthetic_evals(variant: str = "train") -> ml_collections.ConfigDict:
            "linear_probe": {"kind": "linear_probe_synthetic", "train_per_class": per_class}}
   if shots:
     evals["fewshot"] = {"kind": "fewshot_synthetic", "shots": shots, "seeds": 3, "train_per_class": per_class}
+    # zero-shot segmentation: MaskCLIP dense features vs the global embedding broadcast to every pixel
+    evals["segmentation"] = {"kind": "segmentation_synthetic", "num_images": 128 if variant == "standalone" else 8}
   return ml_collections.ConfigDict(evals)
 
 

@@ -1,10 +1,11 @@
 """Text tokenizers behind one factory: `get_tokenizer(name, **options)` (open_clip's `get_tokenizer` idea).
 
 A tokenizer is a callable `str | list[str] -> np.int32 [N, context_length]` with attributes `vocab_size`,
-`context_length` (= `max_len`), `pad_id` (0), `sot_id`, `eot_id` and a `decode(ids)`. Every tokenizer follows
-the CLIP convention (Radford et al., 2021): rows are `[SOT] tokens… [EOT]` padded with 0, and EOT has the
-LARGEST id in the vocabulary, so a text encoder can pool at `argmax(ids)`; truncation drops tokens before
-EOT, never EOT itself. Option `context_length` sets the row length (`max_len` is accepted as its old name).
+`context_length` (= `max_len`), `pad_id` (0), `sot_id`, `eot_id` and a `decode(ids)`. Every tokenizer but
+'siglip' (below) follows the CLIP convention (Radford et al., 2021): rows are `[SOT] tokens… [EOT]` padded
+with 0, and EOT has the LARGEST id in the vocabulary, so a text encoder can pool at `argmax(ids)`; truncation
+drops tokens before EOT, never EOT itself. Option `context_length` sets the row length (`max_len` is accepted
+as its old name).
 
 - 'words': lower-case, split on anything that is not a letter, one id per word of a fixed vocabulary (given,
   or the synthetic dataset's word list). Ids: pad 0, unk 1, sot 2, words 3…, eot = vocab_size − 1. Length 16.
@@ -14,6 +15,10 @@ EOT, never EOT itself. Option `context_length` sets the row length (`max_len` is
   then sot, eot (vocab = pieces + 3). Length 64. Train one with `python -m vlm_jax.data.train_tokenizer`.
 - 'clip_bpe' (alias 'clip'): OpenAI CLIP's byte-level BPE, equal to open_clip's ids (`vlm_jax.data.clip_bpe`).
   Length 77.
+- 'siglip': SigLIP's (Zhai et al., 2023) Google SentencePiece model, option `model_path`, equal to Hugging
+  Face's `SiglipTokenizer` ids (`vlm_jax.data.siglip_tokenizer`). Length 64. The one exception to the layout
+  above: rows are `pieces… </s>` padded with `</s>` (pad_id == eot_id, 1 for Google's models), no SOT
+  (`sot_id` None), EOT not the largest id — SigLIP's text tower pools at the last position, not at argmax.
 """
 
 from __future__ import annotations
@@ -171,12 +176,18 @@ def _clip_bpe():
   return ClipBpeTokenizer
 
 
+def _siglip():
+  from vlm_jax.data.siglip_tokenizer import SiglipTokenizer  # noqa: PLC0415  (needs sentencepiece)
+  return SiglipTokenizer
+
+
 _TOKENIZERS = {
     "words": lambda: WordTokenizer,
     "bytes": lambda: ByteTokenizer,
     "sentencepiece": lambda: SentencePieceTokenizer,
     "clip_bpe": _clip_bpe,
     "clip": _clip_bpe,
+    "siglip": _siglip,
 }
 
 

@@ -37,6 +37,10 @@ KINDS = {
     "linear_probe_synthetic": _lazy("linear_probe", "synthetic_evaluator"),
     "fewshot_synthetic": _lazy("linear_probe", "fewshot_synthetic_evaluator"),
     "segmentation_synthetic": _lazy("segmentation", "synthetic_evaluator"),
+    "zeroshot": _lazy("datasets", "zeroshot_evaluator"),
+    "linear_probe": _lazy("datasets", "linear_probe_evaluator"),
+    "fewshot": _lazy("datasets", "fewshot_evaluator"),
+    "retrieval_shards": _lazy("datasets", "retrieval_shards_evaluator"),
 }
 
 

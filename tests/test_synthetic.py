@@ -132,18 +132,6 @@ def test_words_tokenizer():
     get_tokenizer("nope")
 
 
-def _take(it, n):
-  return [next(it) for _ in range(n)]
-
-
-def _assert_batches_equal(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert set(x) == set(y)
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k])
-
-
 def test_synthetic_shards_stream_the_procedural_train_split(tmp_path):
   """The default dataset is rendered into tar shards once (any number of processes) and streamed back."""
   from vlm_jax.data import shards, synthetic_shards

@@ -180,23 +180,10 @@ def linear_probe_evaluator(cfg, *, model, tokenizer, data_config, plot_dir: str 
   """Builder of kind 'linear_probe'. Options: train_dataset, test_dataset (required), data_dir, train_limit,
   test_limit (0: all), l2_grid, val_fraction (0.2), seed, steps, tol, standardize, batch_size, image_size,
   plots."""
-  import jax  # noqa: PLC0415
-
   from vlm_jax.evaluate import linear_probe as lp  # noqa: PLC0415
   del tokenizer
-  o, features = _probe_features(cfg, {"val_fraction": 0.2, "seed": 0, "plots": True}, "linear_probe", model,
-                                data_config)
-  plot_path = None
-  if plot_dir and o["plots"] and jax.process_index() == 0:
-    plot_path = os.path.join(plot_dir, "linear_probe_l2.png")
-
-  def run(variables) -> dict:
-    f = features(variables)
-    out = lp.linear_probe(f["train_x"], f["train_y"], f["test_x"], f["test_y"], f["num_classes"],
-                          plot_path=plot_path, l2_grid=o["l2_grid"], val_fraction=o["val_fraction"],
-                          seed=o["seed"], steps=o["steps"], tol=o["tol"], standardize=o["standardize"])
-    return {f"linear_probe/{k}": v for k, v in out.items()}
-  return run
+  o, features = _probe_features(cfg, lp.PROBE_OPTIONS, "linear_probe", model, data_config)
+  return lp.probe_runner(o, features, plot_dir)
 
 
 def fewshot_evaluator(cfg, *, model, tokenizer, data_config, plot_dir: str | None = None) -> Callable:

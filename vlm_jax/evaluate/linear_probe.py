@@ -248,8 +248,16 @@ def synthetic_evaluator(cfg, *, model, tokenizer, data_config, plot_dir: str | N
   the synthetic single-object images over all classes. Options: train_per_class (16), l2_grid, val_fraction
   (0.2), steps, tol, standardize, seed, batch_size, image_size, plots."""
   del tokenizer
-  o, features = _features(cfg, {"val_fraction": 0.2, "seed": 0, "plots": True}, "linear_probe_synthetic", model,
-                          data_config)
+  o, features = _features(cfg, PROBE_OPTIONS, "linear_probe_synthetic", model, data_config)
+  return probe_runner(o, features, plot_dir)
+
+
+PROBE_OPTIONS = {"val_fraction": 0.2, "seed": 0, "plots": True}
+
+
+def probe_runner(o: dict, features: Callable, plot_dir: str | None) -> Callable:
+  """`run(variables) -> {'linear_probe/<metric>': …}` of an evaluator whose `features(variables)` gives
+  train/test features and labels; `o` holds the probe options (PROBE_OPTIONS + l2_grid, steps, tol, …)."""
   plot_path = None
   if plot_dir and o["plots"] and jax.process_index() == 0:
     plot_path = os.path.join(plot_dir, "linear_probe_l2.png")

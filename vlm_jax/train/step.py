@@ -11,7 +11,7 @@ Note that contrastive objectives then see the negatives of one micro-batch only.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax

@@ -22,16 +22,19 @@ def build_tokenizer(config):
 
 def build(config):
   """(tokenizer, model, loss_fn) for a config; text vocabulary and length follow the tokenizer."""
-  tokenizer = build_tokenizer(config)
   model_cfg = config.model.to_dict()
   text = dict(model_cfg["text"])
+  # a model config complete without the tokenizer is checked first: its mistakes are reported before, e.g., a
+  # missing tokenizer vocabulary file
+  model = build_model(model_cfg) if {"vocab_size", "max_len"} <= set(text) else None
+  tokenizer = build_tokenizer(config)
   text.setdefault("vocab_size", tokenizer.vocab_size)
   text.setdefault("max_len", tokenizer.max_len)
   if text["vocab_size"] < tokenizer.vocab_size or text["max_len"] < tokenizer.max_len:
     raise UserError(f"text tower (vocab {text['vocab_size']}, length {text['max_len']}) is smaller than the "
                     f"tokenizer's (vocab {tokenizer.vocab_size}, length {tokenizer.max_len})")
   model_cfg["text"] = text
-  model = build_model(model_cfg)
+  model = model or build_model(model_cfg)
   loss_fn = objectives.make_loss_fn(config.objectives.to_dict(), config.objective_hparams.to_dict(),
                                     mesh_axes=BATCH_AXES)
   return tokenizer, model, loss_fn

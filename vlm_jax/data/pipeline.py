@@ -81,8 +81,11 @@ def _plain(cfg) -> dict:
   return dict(cfg)
 
 
+_RETIRED = ("num_threads", "prefetch_buffer_size")  # options of the pre-shard pipeline, accepted and ignored
+
+
 def _options(data_config) -> dict:
-  cfg = _plain(data_config)
+  cfg = {k: v for k, v in _plain(data_config).items() if k not in _RETIRED}
   unknown = sorted(set(cfg) - set(DEFAULTS))
   if unknown:
     raise UserError(f"unknown data option(s) {unknown}; valid: {sorted(DEFAULTS)}")

@@ -7,6 +7,7 @@ the colon into a ConfigDict (the first bare word is the `variant`).
 
 from __future__ import annotations
 
+import copy
 import math
 
 import ml_collections
@@ -35,6 +36,16 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
+def data_config(**overrides) -> ml_collections.ConfigDict:
+  """Every data-pipeline option (`vlm_jax.data.pipeline.DEFAULTS`, so each can be set from the command line)
+  with `overrides`; nested dicts (augment, synthetic) are merged key by key."""
+  from vlm_jax.data.pipeline import DEFAULTS
+  d = copy.deepcopy(DEFAULTS)
+  for k, v in overrides.items():
+    d[k] = {**d[k], **v} if isinstance(v, dict) and isinstance(d.get(k), dict) else v
+  return ml_collections.ConfigDict(d)
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Keys shared by every entry point (pre-training, transfer, distillation)."""
   c = ml_collections.ConfigDict()
@@ -55,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
       "end_factor": 0.0, "grad_accum_steps": 1})
   c.objectives = ml_collections.ConfigDict({"clip": 1.0})
   c.objective_hparams = ml_collections.ConfigDict()
-  c.data = ml_collections.ConfigDict({"name": "synthetic", "shards": "", "image_size": 224})
+  c.data = data_config(image_size=224)
   c.tokenizer = ml_collections.ConfigDict({"name": "words", "context_length": 16})
   c.evals = ml_collections.ConfigDict()   # {name: {'kind': …, …}}; see vlm_jax.evaluate
   return c
@@ -72,11 +83,10 @@ def tiny_run() -> dict:
       batch_size=256, total_steps=900, log_every_steps=20, eval_every_steps=450, checkpoint_every_steps=300,
       # the procedural default, rendered once into 16 shards of 4,096 samples (3.5 epochs in 900 steps);
       # no crop or flip: captions name positions ("on the left") and shapes whose aspect ratio matters
-      data=ml_collections.ConfigDict({
-          "name": "synthetic", "shards": "", "image_size": 32,
-          "synthetic": {"num_train": 1 << 16, "shard_size": 4096},
-          "augment": {"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "flip": False},
-          "shuffle_buffer": 2048, "cycle_length": 4, "workers": 0}),
+      data=data_config(
+          name="synthetic", image_size=32, synthetic={"num_train": 1 << 16, "shard_size": 4096},
+          augment={"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "flip": False},
+          shuffle_buffer=2048, cycle_length=4, workers=0),
       tokenizer=ml_collections.ConfigDict({"name": "words", "context_length": 24}),  # the longest captions fit
       optimizer=ml_collections.ConfigDict({
           "name": "adamw", "lr": 1e-3, "b1": 0.9, "b2": 0.98, "eps": 1e-6, "weight_decay": 0.05,
@@ -142,8 +152,7 @@ def full_run(res: int) -> dict:
   return dict(
       batch_size=32768, total_steps=100_000, log_every_steps=50, eval_every_steps=2000,
       checkpoint_every_steps=2000, keep_checkpoints=3,
-      data=ml_collections.ConfigDict({"name": "shards", "shards": "", "image_size": res,
-                                      "shuffle_buffer": 10_000, "cycle_length": 8, "workers": 8}),
+      data=data_config(name="shards", image_size=res, shuffle_buffer=10_000, cycle_length=8, workers=8),
       tokenizer=ml_collections.ConfigDict({"name": "clip_bpe", "context_length": 77}),
       optimizer=ml_collections.ConfigDict({
           "name": "adamw", "lr": 5e-4, "b1": 0.9, "b2": 0.98, "eps": 1e-6, "weight_decay": 0.2,

@@ -12,4 +12,5 @@ from vlm_jax.train import config_base as cb
 def get_config(arg: str = "tiny"):
   c, _ = cb.two_tower(arg)
   c.objectives = {"clip": 1.0}
+  c.objective_hparams = {"clip": {"impl": "dense"}}  # "ring": memory-linear in the batch (Inf-CL)
   return c

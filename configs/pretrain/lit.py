@@ -11,6 +11,7 @@ from vlm_jax.train import config_base as cb
 def get_config(arg: str = "tiny"):
   c, _ = cb.two_tower(arg)
   c.objectives = {"clip": 1.0}
+  c.objective_hparams = {"clip": {"impl": "dense"}}  # "ring": memory-linear in the batch (Inf-CL)
   c.frozen = r"^img/"            # the locked image tower
   c.init.checkpoint = ""         # required: where the image tower comes from
   c.init.params = r"^img/"

@@ -10,6 +10,7 @@ from vlm_jax.train import config_base as cb
 def get_config(arg: str = "tiny"):
   c, a = cb.two_tower(arg, embed=768)
   c.objectives = {"siglip": 1.0}
+  c.objective_hparams = {"siglip": {"impl": "dense"}}  # "ring": memory-linear in the batch (Inf-CL)
   c.model.logit_scale_init = cb.SIGLIP_LOGIT_SCALE_INIT
   c.model.logit_bias_init = cb.SIGLIP_LOGIT_BIAS_INIT
   if a.variant != "tiny":

@@ -10,7 +10,7 @@ from vlm_jax.train import config_base as cb
 def get_config(arg: str = "tiny"):
   c, a = cb.two_tower(arg)
   c.objectives = {"clip": 1.0, "simclr": 1.0}
-  c.objective_hparams = {"simclr": {"temperature": 0.1}}
+  c.objective_hparams = {"clip": {"impl": "dense"}, "simclr": {"temperature": 0.1}}
   c.model.simclr_head = {"hidden": 256, "out": 64} if a.variant == "tiny" else {"hidden": 4096, "out": 256}
   c.data.view_scale = (0.08, 1.0)
   return c

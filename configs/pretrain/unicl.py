@@ -10,4 +10,5 @@ from vlm_jax.train import config_base as cb
 def get_config(arg: str = "tiny"):
   c, _ = cb.two_tower(arg)
   c.objectives = {"unicl": 1.0}
+  c.objective_hparams = {"unicl": {"impl": "dense"}}  # "ring": memory-linear in the batch (Inf-CL)
   return c

@@ -280,7 +280,7 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int, token
       if len(paths) < streams:
         raise UserError(f"{len(paths)} shard(s) cannot feed {streams} data streams; use more shards")
   fn = functools.partial(
-      _example, seed=int(seed), size=size, tokenizer=tokenizer, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+      _example, size=size, tokenizer=tokenizer, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
       augment=cfg["augment"], views=views, view_scale=tuple(cfg["view_scale"]))
   per_stream = global_batch_size // streams
   mine = range(process_index * streams // process_count, (process_index + 1) * streams // process_count)

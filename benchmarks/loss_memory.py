@@ -46,7 +46,7 @@ def main(argv=None) -> None:
   import jax
   import jax.numpy as jnp
 
-  from vlm_jax.objectives import OBJECTIVES
+  from vlm_jax.objectives import get_objective
   from vlm_jax.parallel.mesh import BATCH_AXES, batch_sharding, make_mesh, replicated
 
   mesh = make_mesh({"data": args.devices})
@@ -57,7 +57,7 @@ def main(argv=None) -> None:
 
     def f(zimg, ztxt, scale, bias):
       out = {"zimg": zimg, "ztxt": ztxt, "logit_scale": scale, "logit_bias": bias}
-      return OBJECTIVES[name](out, {}, mesh_axes=BATCH_AXES, **hparams)[0]
+      return get_objective(name)(out, {}, mesh_axes=BATCH_AXES, **hparams)[0]
     return jax.value_and_grad(f, argnums=(0, 1, 2, 3))
 
   for objective in args.objectives.split(","):

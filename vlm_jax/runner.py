@@ -23,6 +23,8 @@ def build_tokenizer(config):
 def build(config):
   """(tokenizer, model, loss_fn) for a config; text vocabulary and length follow the tokenizer."""
   model_cfg = config.model.to_dict()
+  if "text" not in model_cfg:  # an image-only framework (MAE): the tokenizer still feeds the evaluators
+    return build_tokenizer(config), build_model(model_cfg), _loss_fn(config)
   text = dict(model_cfg["text"])
   # a model config complete without the tokenizer is checked first: its mistakes are reported before, e.g., a
   # missing tokenizer vocabulary file
@@ -35,9 +37,12 @@ def build(config):
                     f"tokenizer's (vocab {tokenizer.vocab_size}, length {tokenizer.max_len})")
   model_cfg["text"] = text
   model = model or build_model(model_cfg)
-  loss_fn = objectives.make_loss_fn(config.objectives.to_dict(), config.objective_hparams.to_dict(),
-                                    mesh_axes=BATCH_AXES)
-  return tokenizer, model, loss_fn
+  return tokenizer, model, _loss_fn(config)
+
+
+def _loss_fn(config):
+  return objectives.make_loss_fn(config.objectives.to_dict(), config.objective_hparams.to_dict(),
+                                 mesh_axes=BATCH_AXES)
 
 
 def lit_init(config):

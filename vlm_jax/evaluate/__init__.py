@@ -41,6 +41,11 @@ KINDS = {
     "linear_probe": _lazy("datasets", "linear_probe_evaluator"),
     "fewshot": _lazy("datasets", "fewshot_evaluator"),
     "retrieval_shards": _lazy("datasets", "retrieval_shards_evaluator"),
+    "captioning_synthetic": _lazy("captioning", "synthetic_evaluator"),
+    "reconstruction_synthetic": _lazy("reconstruction", "synthetic_evaluator"),
+    "itm_rerank_synthetic": _lazy("itm_rerank", "synthetic_evaluator"),
+    "filip_maps_synthetic": _lazy("filip_maps", "synthetic_evaluator"),
+    "region_word_synthetic": _lazy("region_word", "synthetic_evaluator"),
 }
 
 

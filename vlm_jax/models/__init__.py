@@ -1,8 +1,11 @@
 """Model construction from config: `build_model(config.model) -> nn.Module`.
 
+`config.model.framework` picks the model family (default 'two_tower'; see `FRAMEWORKS`): two-tower contrastive
+models (CLIP/SigLIP/LiT/SLIP/FLIP/FILIP), CoCa/CapPa image-to-text models, MAE, two-leg fusion models (FLAVA-style
+ITM/MLM/MCM) and one-tower models (CLIPPO). Each framework module exposes `build(cfg: dict) -> nn.Module`.
 `config.model.image` / `config.model.text` name an encoder kind and a size variant (decoded in
-`variants.py`); every other key in them overrides a field of the encoder module. Encoder classes are imported
-by name on first use, so a kind's module is only needed when a config asks for it.
+`variants.py`); every other key in them overrides a field of the encoder module. Encoder and framework modules are
+imported by name on first use, so a kind's module is only needed when a config asks for it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,15 @@ ENCODERS: dict[str, tuple[str, str]] = {
 IMAGE_KINDS = ("vit", "resnet")
 TEXT_KINDS = ("text",)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# framework -> module exposing `build(cfg: dict) -> nn.Module`; imported lazily.
+FRAMEWORKS: dict[str, str] = {
+    "two_tower": "vlm_jax.models.two_tower",
+    "coca": "vlm_jax.models.coca",
+    "cappa": "vlm_jax.models.cappa",
+    "mae": "vlm_jax.models.mae",
+    "two_leg": "vlm_jax.models.two_leg",
+    "one_tower": "vlm_jax.models.one_tower",
+}
 _VARIANT_DECODERS = {"vit": variants.vit_variant, "resnet": variants.resnet_variant,
                      "text": variants.text_variant}
 
@@ -48,7 +60,8 @@ def _plain(cfg) -> dict:
   return dict(cfg)
 
 
-def _dtype(name) -> Any:
+def dtype_of(name) -> Any:
+  """'float32' | 'bfloat16' | 'float16' (or a dtype) -> jnp dtype; unknown names raise `UserError`."""
   if not isinstance(name, str):
     return name
   if name not in DTYPES:
@@ -78,12 +91,27 @@ def build_encoder(cfg, defaults: Mapping[str, Any] | None = None, allowed_kinds=
   kw.update({k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
   for k in ("dtype", "param_dtype"):
     if k in kw:
-      kw[k] = _dtype(kw[k])
+      kw[k] = dtype_of(kw[k])
   return cls(**kw)
 
 
+def common_defaults(cfg: Mapping[str, Any]) -> dict:
+  """Encoder defaults every framework passes down from the model config: scan, remat, dtype, param_dtype."""
+  return dict(scan=bool(cfg.get("scan", False)), remat=cfg.get("remat", "none"),
+              dtype=dtype_of(cfg.get("dtype", "float32")), param_dtype=dtype_of(cfg.get("param_dtype", "float32")))
+
+
 def build_model(config):
-  """`TwoTower` model from `config.model` (ConfigDict or dict); see CONTRACTS.md for the keys.
+  """The model of `config.model` (ConfigDict or dict): `FRAMEWORKS[config.model.framework].build(cfg)`."""
+  cfg = _plain(config)
+  name = cfg.pop("framework", "two_tower") or "two_tower"
+  if name not in FRAMEWORKS:
+    raise UserError(f"unknown model framework {name!r}; valid choices: {', '.join(FRAMEWORKS)}")
+  return importlib.import_module(FRAMEWORKS[name]).build(cfg)
+
+
+def build_two_tower(config):
+  """`TwoTower` model from a 'two_tower' model config (ConfigDict or dict); see CONTRACTS.md for the keys.
 
   Options for converted SigLIP checkpoints: `project_image` (default True; a ResNet decides from its
   `output_dim`), `text_proj_bias` (default False) and `max_log_logit_scale` (default ln 100; None: unclamped).
@@ -91,10 +119,10 @@ def build_model(config):
   from vlm_jax.models.two_tower import TwoTower  # noqa: PLC0415 (keeps `import vlm_jax.models` light)
 
   cfg = _plain(config)
+  cfg.pop("framework", None)
   embed_dim = int(cfg.get("embed_dim", 512))
-  dtype, param_dtype = _dtype(cfg.get("dtype", "float32")), _dtype(cfg.get("param_dtype", "float32"))
-  defaults = dict(scan=bool(cfg.get("scan", False)), remat=cfg.get("remat", "none"), dtype=dtype,
-                  param_dtype=param_dtype)
+  defaults = common_defaults(cfg)
+  dtype, param_dtype = defaults["dtype"], defaults["param_dtype"]
   image_cfg, text_cfg = _plain(cfg.get("image")), _plain(cfg.get("text"))
   if not image_cfg or not text_cfg:
     raise UserError("model config needs both `image` and `text` encoder dicts")

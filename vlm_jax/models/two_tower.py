@@ -158,3 +158,9 @@ class TwoTower(nn.Module):
         pooled = self.img(batch["image_view" + k], train=train)["pooled"]
         out["zview" + k] = l2_normalize(self.simclr_head(pooled))
     return out
+
+
+def build(cfg: dict) -> TwoTower:
+  """The 'two_tower' framework's builder (`vlm_jax.models.FRAMEWORKS`)."""
+  from vlm_jax.models import build_two_tower  # noqa: PLC0415 (models/__init__ imports this module lazily)
+  return build_two_tower(cfg)

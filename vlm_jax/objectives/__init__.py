@@ -9,10 +9,16 @@
 'clip', 'siglip' and 'unicl' take `impl='dense'` (the B/n × B logits of `contrastive`, the default) or `impl='ring'`
 (memory linear in B, `ring`; its `tile` hyper-parameter is the rows per logits tile), e.g.
 `config.objective_hparams = {'clip': {'impl': 'ring', 'tile': 256}}`.
+
+Generative and alignment objectives live in their own modules and are imported on first use (a registry value
+'module:function'): masked image modelling ('mae', 'mim_feature'), masked language / cross-modal modelling
+('mlm', 'mcm'), captioning ('captioning': CoCa/CapPa), image-text matching ('itm'), FILIP ('filip') and
+region-word alignment ('region_word').
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Any, Callable, Mapping, Sequence
 
@@ -59,7 +65,24 @@ OBJECTIVES: dict[str, Callable[..., Any]] = {
     "siglip": siglip_objective,
     "unicl": unicl_objective,
     "simclr": simclr_loss,
+    "mae": "vlm_jax.objectives.masked_image:mae_loss",
+    "mim_feature": "vlm_jax.objectives.masked_image:mim_feature_loss",
+    "mlm": "vlm_jax.objectives.masked_language:mlm_loss",
+    "mcm": "vlm_jax.objectives.masked_language:mcm_loss",
+    "captioning": "vlm_jax.objectives.captioning:captioning_loss",
+    "itm": "vlm_jax.objectives.matching:itm_loss",
+    "filip": "vlm_jax.objectives.filip:filip_loss",
+    "region_word": "vlm_jax.objectives.region_word:region_word_loss",
 }
+
+
+def get_objective(name: str) -> Callable[..., Any]:
+  """The loss function registered as `name` (importing its module on first use)."""
+  fn = OBJECTIVES[name]
+  if isinstance(fn, str):
+    module, attr = fn.split(":")
+    fn = OBJECTIVES[name] = getattr(importlib.import_module(module), attr)
+  return fn
 
 
 def _hparam_names(fn: Callable[..., Any]) -> list[str]:
@@ -84,7 +107,7 @@ def make_loss_fn(objectives: Mapping[str, float],
     if name not in OBJECTIVES:
       raise UserError(f"unknown objective {name!r}; choose from {choices}")
   for name, kw in hparams.items():
-    allowed = _hparam_names(OBJECTIVES[name])
+    allowed = _hparam_names(get_objective(name))
     unknown = sorted(set(kw) - set(allowed))
     if unknown:
       raise UserError(f"objective {name!r} has no hyper-parameter(s) {unknown}; it accepts {allowed}")
@@ -96,7 +119,7 @@ def make_loss_fn(objectives: Mapping[str, float],
     total = 0.0
     metrics = {}
     for name, weight in active:
-      loss, m = OBJECTIVES[name](outputs, batch, mesh_axes=mesh_axes, **hparams.get(name, {}))
+      loss, m = get_objective(name)(outputs, batch, mesh_axes=mesh_axes, **hparams.get(name, {}))
       total = total + weight * loss
       metrics.update(m)
     metrics["loss"] = total

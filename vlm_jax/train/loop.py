@@ -24,6 +24,7 @@ from vlm_jax.errors import UserError
 from vlm_jax.parallel import mesh as mesh_lib
 from vlm_jax.parallel import partitioning
 from vlm_jax.train import checkpoint as ckpt_lib
+from vlm_jax.train import flops as flops_lib
 from vlm_jax.train import metrics as metrics_lib
 from vlm_jax.train.state import create_train_state
 from vlm_jax.train.step import make_train_step
@@ -103,6 +104,17 @@ def _data_stats(data_iter) -> dict:
   return stats
 
 
+def _flops_and_peak(model, loss_fn, row_shapes: dict, batch_size: int) -> tuple[float, float]:
+  """(model FLOPs per global step, peak FLOP/s per device) for the throughput metrics (see `train/flops.py`)."""
+  batch = {k: jax.ShapeDtypeStruct((batch_size, *shape), dtype) for k, (shape, dtype) in row_shapes.items()}
+  try:
+    model_flops = flops_lib.xla_model_flops_per_step(model, loss_fn, batch)
+  except Exception as e:  # noqa: BLE001 (a model XLA cannot cost must not stop training)
+    log.warning("no FLOPs count for this model (%s); mfu is logged as 0", e)
+    model_flops = 0.0
+  return model_flops, flops_lib.peak_flops_per_device()[0]
+
+
 def train(config, workdir: str, *, make_data: Callable, model, loss_fn: Callable,
           evaluators: dict[str, Callable] | None = None, params_override: Callable | None = None,
           quiet: bool = False) -> dict:
@@ -129,6 +141,7 @@ def _train(config, workdir, preempt, *, make_data, model, loss_fn, evaluators, p
 
   data_iter = make_data(jax.process_index(), jax.process_count())
   first = next(data_iter)
+  row_shapes = {k: (v.shape[1:], v.dtype) for k, v in first.items()}
   tx, schedule = make_optimizer(config.optimizer, total)
   with jax.set_mesh(mesh):
     example = _first_rows(first, mesh_lib.data_parallel_size(mesh) // max(1, jax.process_count()) or 1)
@@ -153,7 +166,9 @@ def _train(config, workdir, preempt, *, make_data, model, loss_fn, evaluators, p
   config_dict = json.loads(config.to_json_best_effort())
   last: dict[str, Any] = {}
   skipped_seen = int(jax.device_get(state.skipped_steps))
-  t0, images = time.perf_counter(), 0
+  with jax.set_mesh(mesh):
+    model_flops, peak = _flops_and_peak(model, loss_fn, row_shapes, config.batch_size)
+  t0, images, window = time.perf_counter(), 0, 0
 
   def evaluate(step):
     out = {}
@@ -168,12 +183,16 @@ def _train(config, workdir, preempt, *, make_data, model, loss_fn, evaluators, p
       batch = first if first is not None else next(data_iter)
       first = None
       state, metrics = train_step(state, global_batch(batch, mesh))
-      images += config.batch_size
+      images, window = images + config.batch_size, window + 1
       done = step + 1
-      if done % log_every == 0 or done == total:
+      is_log_step = done % log_every == 0 or done == total
+      if step == start and not is_log_step:  # the throughput window starts after compilation
+        jax.block_until_ready(metrics)
+        t0, images, window = time.perf_counter(), 0, 0
+      if is_log_step:
         metrics = jax.device_get(metrics)
-        dt = time.perf_counter() - t0
-        metrics["images_per_sec"] = images / dt if dt > 0 else 0.0
+        metrics.update(flops_lib.throughput_metrics(images, time.perf_counter() - t0, model_flops, window,
+                                                    jax.device_count(), peak))
         metrics.pop("step_finite", None)
         metrics.update(_data_stats(data_iter))
         last.update(writer.write(done, metrics))
@@ -183,7 +202,7 @@ def _train(config, workdir, preempt, *, make_data, model, loss_fn, evaluators, p
           skipped_seen = int(metrics["skipped_steps"])
         if bar:
           bar.update_to(done, loss=float(metrics["loss"]), img_s=float(metrics["images_per_sec"]))
-        t0, images = time.perf_counter(), 0
+        t0, images, window = time.perf_counter(), 0, 0
       eval_every = int(config.get("eval_every_steps", 0) or 0)
       if evaluators and ((eval_every and done % eval_every == 0 and done != total)):
         evaluate(done)

@@ -125,3 +125,17 @@ def test_missing_or_bad_argument_exits_with_usage(script, args):
 def test_help(script):
   r = _run(script, "-h")
   assert r.returncode == 0 and r.stdout.startswith("usage: ") and "--dry-run" in r.stdout
+
+
+@pytest.mark.parametrize("environ,expected", [
+    ({}, None),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "env"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1234", "JAX_NUM_PROCESSES": "1"}, None),
+    ({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3", "TPU_WORKER_ID": "1"}, "tpu"),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),  # a single-host TPU VM
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}, "slurm"),
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, None),
+])
+def test_launcher_detection(environ, expected):
+  from vlm_jax.parallel.mesh import launcher
+  assert launcher(environ) == expected

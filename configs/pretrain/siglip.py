@@ -15,5 +15,6 @@ def get_config(arg: str = "tiny"):
   c.model.logit_bias_init = cb.SIGLIP_LOGIT_BIAS_INIT
   if a.variant != "tiny":
     c.model.image.pool_type = "map"       # SigLIP's image tower pools with a MAP head
+    c.model.image.patch_bias = True
     c.optimizer.lr, c.optimizer.weight_decay, c.optimizer.b2 = 1e-3, 1e-4, 0.95
   return c

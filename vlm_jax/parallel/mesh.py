@@ -66,20 +66,34 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def maybe_initialize_distributed() -> None:
-  """Calls `jax.distributed.initialize()` when launched as several processes.
+def launcher(environ: Mapping[str, str] | None = None) -> str | None:
+  """Which multi-process launcher started this process: 'env' (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+  JAX_PROCESS_ID, set by launch/*.sh and the tests), 'tpu' (a multi-host Cloud TPU slice: TPU_WORKER_HOSTNAMES
+  lists several workers), 'slurm' (SLURM_NTASKS > 1), or None for a single process."""
+  env = os.environ if environ is None else environ
+  if env.get("JAX_COORDINATOR_ADDRESS") and int(env.get("JAX_NUM_PROCESSES", "1")) > 1:
+    return "env"
+  if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1:
+    return "tpu"
+  if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+    return "slurm"
+  return None
 
-  Detected from the usual launcher variables (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID,
-  set by `launch/*.sh`), or on Cloud TPU / SLURM where JAX auto-detects the cluster. On CPU, gloo collectives are
-  selected so multi-process CPU runs (and tests) work.
+
+def maybe_initialize_distributed() -> None:
+  """Calls `jax.distributed.initialize()` when launched as several processes (see `launcher`).
+
+  With the launcher variables the coordinator, process count and id are passed explicitly and, on CPU, gloo
+  collectives are selected so multi-process CPU runs (and tests) work. On a Cloud TPU slice and under SLURM, JAX
+  detects the cluster itself (the TPU metadata server; SLURM_* variables).
   """
   if jax.distributed.is_initialized():
     return
-  coord = os.environ.get("JAX_COORDINATOR_ADDRESS")
-  nproc = int(os.environ.get("JAX_NUM_PROCESSES", "1"))
-  if coord and nproc > 1:
+  kind = launcher()
+  if kind == "env":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only affects the CPU backend
-    jax.distributed.initialize(coordinator_address=coord, num_processes=nproc,
+    jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
                                process_id=int(os.environ["JAX_PROCESS_ID"]))
-  elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+  elif kind in ("tpu", "slurm"):
     jax.distributed.initialize()

@@ -162,9 +162,13 @@ def full_run(res: int) -> dict:
 
 
 def vit_text_model(img: str, txt: str, res: int, embed: int) -> ml_collections.ConfigDict:
-  """ViT image tower + CLIP text tower, scanned and rematerialised, bf16 compute with fp32 params."""
+  """ViT image tower + CLIP text tower, scanned and rematerialised, bf16 compute with fp32 params.
+
+  The image tower is OpenAI CLIP's (Radford et al. 2021): class token, LayerNorm before the blocks, a patch
+  embedding without bias — the architecture open_clip builds for the same names."""
   return ml_collections.ConfigDict({
-      "image": {"kind": "vit", "variant": img, "image_size": res, "pool_type": "cls", "pre_norm": True},
+      "image": {"kind": "vit", "variant": img, "image_size": res, "pool_type": "cls", "pre_norm": True,
+                "patch_bias": False},
       "text": {"kind": "text", "variant": txt, "vocab_size": 49408, "max_len": 77},
       "embed_dim": embed, "logit_scale_init": CLIP_LOGIT_SCALE_INIT, "logit_bias_init": None,
       "simclr_head": None, "flip_mask_ratio": 0.0, "scan": True, "remat": "dots_with_no_batch_dims_saveable",

@@ -112,8 +112,9 @@ def analytic_train_flops_per_sample(model, image_shape, text_len: int) -> float 
 
 @functools.lru_cache(maxsize=None)
 def measured_matmul_flops(n: int = 1536, repeats: int = 5) -> float:
-  """FLOP/s of an n×n float32 matmul on the first device (median of `repeats`, after one warm-up)."""
-  dev = jax.devices()[0]
+  """FLOP/s of an n×n float32 matmul on this process's first device (median of `repeats`, after one
+  warm-up); call it outside a `jax.set_mesh` context."""
+  dev = jax.local_devices()[0]
   a = jax.device_put(jnp.ones((n, n), jnp.float32), dev)
   mm = jax.jit(lambda x, y: x @ y)
   jax.block_until_ready(mm(a, a))
@@ -128,7 +129,7 @@ def measured_matmul_flops(n: int = 1536, repeats: int = 5) -> float:
 def peak_flops_per_device(device=None) -> tuple[float, str]:
   """(peak FLOP/s of one device, where the number comes from): the `PEAK_TFLOPS` row matching the device kind,
   or on CPU the measured matmul rate shared by the local devices."""
-  device = device or jax.devices()[0]
+  device = device or jax.local_devices()[0]
   kind = str(getattr(device, "device_kind", ""))
   for name in sorted(PEAK_TFLOPS, key=len, reverse=True):  # 'TPU v5 lite' before 'TPU v5'
     if name.lower() in kind.lower():

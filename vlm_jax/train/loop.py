@@ -104,15 +104,15 @@ def _data_stats(data_iter) -> dict:
   return stats
 
 
-def _flops_and_peak(model, loss_fn, row_shapes: dict, batch_size: int) -> tuple[float, float]:
-  """(model FLOPs per global step, peak FLOP/s per device) for the throughput metrics (see `train/flops.py`)."""
+def _model_flops(model, loss_fn, row_shapes: dict, batch_size: int) -> float:
+  """Model FLOPs per global step for the throughput metrics (see `train/flops.py`)."""
   batch = {k: jax.ShapeDtypeStruct((batch_size, *shape), dtype) for k, (shape, dtype) in row_shapes.items()}
   try:
     model_flops = flops_lib.xla_model_flops_per_step(model, loss_fn, batch)
   except Exception as e:  # noqa: BLE001 (a model XLA cannot cost must not stop training)
     log.warning("no FLOPs count for this model (%s); mfu is logged as 0", e)
     model_flops = 0.0
-  return model_flops, flops_lib.peak_flops_per_device()[0]
+  return model_flops
 
 
 def train(config, workdir: str, *, make_data: Callable, model, loss_fn: Callable,
@@ -167,7 +167,8 @@ def _train(config, workdir, preempt, *, make_data, model, loss_fn, evaluators, p
   last: dict[str, Any] = {}
   skipped_seen = int(jax.device_get(state.skipped_steps))
   with jax.set_mesh(mesh):
-    model_flops, peak = _flops_and_peak(model, loss_fn, row_shapes, config.batch_size)
+    model_flops = _model_flops(model, loss_fn, row_shapes, config.batch_size)
+  peak = flops_lib.peak_flops_per_device()[0]  # outside the mesh: on CPU it times a matmul on one device
   t0, images, window = time.perf_counter(), 0, 0
 
   def evaluate(step):

@@ -29,7 +29,12 @@ with scale `view_scale` and a flip.
 
 A batch is a dict of numpy arrays (CONTRACTS.md): 'image' float32 [B,S,S,3], 'text' int32 [B,L],
 'label' int32 [B] (the `.cls` label, −1 when absent; the synthetic UniCL content label), and with views
-'image_view1'/'image_view2'.
+'image_view1'/'image_view2'. With data.regions = K > 0 (GLIP-style region-word alignment) also, from the
+sample's {key}.json 'objects' list ({'box': [x0, y0, x1, y1] pixels, 'phrase': str, 'class': int}; the synthetic
+shards write it): 'boxes' float32 [B,K,4] normalised to the output image after the crop/flip (boxes with less
+than a quarter of their area left in the crop are dropped), 'phrases' int32 [B,K,Lp] (the object's caption words,
+tokenised), 'region_valid' bool [B,K], 'region_class' int32 [B,K] (−1 unknown) — zeros/False/−1 beyond the
+sample's objects. They are pure functions of the sample and its crop, so exact resume is unchanged.
 
 data_config keys: see `DEFAULTS`.
 """
@@ -70,6 +75,8 @@ DEFAULTS = {
     "streams": 0,                # data streams (0: the process count); see the module docstring
     "workers": 0,                # grain worker processes per stream (0: decode in this process)
     "worker_buffer": 2,          # batches prefetched per worker
+    "regions": 0,                # K > 0: add 'boxes', 'phrases', 'region_valid', 'region_class' (see `_regions`)
+    "region_phrase_length": 8,   # tokens per phrase (SOT + words + EOT)
 }
 
 
@@ -193,15 +200,39 @@ class _DecodeSkipIterator(grain.DatasetIterator):
     self._count = int(state["count"])
 
 
+def _regions(meta, image_size: tuple[int, int], crop_box, flipped: bool, k: int, tokenizer,
+             phrase_length: int) -> dict[str, np.ndarray]:
+  """The first `k` objects of a sample's metadata as region arrays (see the module docstring); `image_size` is the
+  decoded image's (w, h), which the stored boxes refer to (scaled when JPEG draft decoding shrank it)."""
+  objects = list((meta or {}).get("objects", []) if isinstance(meta, dict) else [])[:k]
+  out = {"boxes": np.zeros((k, 4), np.float32), "phrases": np.zeros((k, phrase_length), np.int32),
+         "region_valid": np.zeros((k,), bool), "region_class": np.full((k,), -1, np.int32)}
+  if not objects:
+    return out
+  stored = (meta.get("image_size") or image_size) if isinstance(meta, dict) else image_size
+  sx, sy = image_size[0] / stored[0], image_size[1] / stored[1]
+  boxes = np.asarray([o["box"] for o in objects], np.float64) * [sx, sy, sx, sy]
+  out["boxes"][:len(objects)], keep = transforms.transform_boxes(boxes, crop_box, flipped)
+  out["phrases"][:len(objects)] = tokenizer([str(o.get("phrase", "")) for o in objects], phrase_length)
+  out["region_valid"][:len(objects)] = keep
+  out["region_class"][:len(objects)] = [int(o.get("class", -1)) for o in objects]
+  out["phrases"][~out["region_valid"]] = 0
+  out["region_class"][~out["region_valid"]] = -1
+  return out
+
+
 def _example(el: dict, count: int, *, seed: int, size: int, tokenizer, mean, std, augment: dict, views: bool,
-             view_scale) -> dict[str, Any]:
+             view_scale, regions: int = 0, phrase_length: int = 8) -> dict[str, Any]:
   rng = np.random.default_rng((seed, zlib.crc32(el["image"][:256]), count))
   min_scale = min(augment["crop_scale"][0], view_scale[0] if views else 1.0)
   img = transforms.decode_image(el["image"], draft_size=int(np.ceil(size / np.sqrt(max(min_scale, 0.05)))))
-  crop = transforms.random_resized_crop(img, size, rng, scale=tuple(augment["crop_scale"]),
-                                        ratio=tuple(augment["crop_ratio"]), flip=bool(augment["flip"]))
+  crop, crop_box, flipped = transforms.random_resized_crop(
+      img, size, rng, scale=tuple(augment["crop_scale"]), ratio=tuple(augment["crop_ratio"]),
+      flip=bool(augment["flip"]), return_box=True)
   ex = {"image": transforms.normalize(crop, mean, std), "text": tokenizer([el["caption"]])[0],
         "label": np.int32(el["label"])}
+  if regions:
+    ex.update(_regions(el.get("meta"), img.size, crop_box, flipped, regions, tokenizer, phrase_length))
   if views:
     for k in ("image_view1", "image_view2"):
       v = transforms.random_resized_crop(img, size, rng, scale=tuple(view_scale), flip=True)
@@ -281,7 +312,8 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int, token
         raise UserError(f"{len(paths)} shard(s) cannot feed {streams} data streams; use more shards")
   fn = functools.partial(
       _example, size=size, tokenizer=tokenizer, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-      augment=cfg["augment"], views=views, view_scale=tuple(cfg["view_scale"]))
+      augment=cfg["augment"], views=views, view_scale=tuple(cfg["view_scale"]), regions=int(cfg["regions"]),
+      phrase_length=int(cfg["region_phrase_length"]))
   per_stream = global_batch_size // streams
   mine = range(process_index * streams // process_count, (process_index + 1) * streams // process_count)
   datasets = []

@@ -11,7 +11,8 @@ seeking to its byte offset (`shards.read_shard`): a resumed stream continues mid
 exactly the elements an uninterrupted one would have produced. grain's worker processes (`mp_prefetch`) and the
 per-process split each take a slice of the shard list (`set_slice`).
 
-Elements are dicts: a sample {'image': bytes, 'ext', 'caption', 'label', 'skip': '', 'src': shard path} or a skip marker
+Elements are dicts: a sample {'image': bytes, 'ext', 'caption', 'label', 'meta' (the {key}.json member or None),
+'skip': '', 'src': shard path} or a skip marker
 {'skip': reason, …} that the decode stage counts (see `shards.SKIP_REASONS`).
 """
 
@@ -29,9 +30,9 @@ from vlm_jax.errors import UserError
 
 def _element(item, src: str) -> dict:
   if isinstance(item, shards.Skip):
-    return {"image": b"", "ext": "", "caption": "", "label": -1, "skip": item.reason, "src": src}
+    return {"image": b"", "ext": "", "caption": "", "label": -1, "meta": None, "skip": item.reason, "src": src}
   return {"image": item.image, "ext": item.image_ext, "caption": item.caption, "label": int(item.label),
-          "skip": "", "src": src}
+          "meta": item.meta, "skip": "", "src": src}
 
 
 class ShardSamples(grain.IterDataset):

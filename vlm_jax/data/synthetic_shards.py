@@ -1,7 +1,8 @@
 """The embedded default dataset as tar shards: the procedural training split rendered once, then streamed.
 
 `ensure_shards(options, image_size, cache_dir)` writes `num_train` samples of `SyntheticShapes('train', …)` —
-PNG image, caption, UniCL content label (`.cls`) — with `shards.ShardWriter` into
+PNG image, caption, UniCL content label (`.cls`) and per-object metadata (`.json`, see `object_meta`) — with
+`shards.ShardWriter` into
 `cache_dir/synthetic-<hash of the options>/data-{00000..}.tar` (+ `stats.json`), and returns a shard pattern for
 `shards.expand_shards`. Shard i always holds samples [i·shard_size, (i+1)·shard_size), so the files do not
 depend on how many processes render them (`processes` spawn workers, default: the CPU count). A finished
@@ -17,6 +18,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import tempfile
 
@@ -32,16 +34,45 @@ def default_cache_dir() -> str:
   return os.environ.get("VLM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vlm_jax")
 
 
+def _phrase_pattern() -> re.Pattern:
+  from vlm_jax.data import synthetic  # noqa: PLC0415
+  alt = lambda words: "|".join(sorted((re.escape(w) for w in words), key=len, reverse=True))
+  sizes = alt(w for syn in synthetic.SIZE_WORDS.values() for w in syn)
+  colours = alt(w for _, _, syn in synthetic.COLOURS for w in syn)
+  shapes = alt(w for _, syn in synthetic.SHAPES for w in syn)
+  return re.compile(rf"\b(?:(?:{sizes}) )?(?:{colours}) (?:{shapes})\b")
+
+
+def object_phrases(caption: str) -> list[str]:
+  """The phrase naming each object of a synthetic caption, in object order: '[size] colour shape' as written
+  ("a photo of a small crimson disk and a blue star" -> ['small crimson disk', 'blue star'])."""
+  return _phrase_pattern().findall(caption)
+
+
+def object_meta(scene, element: dict) -> dict:
+  """{'image_size': [w, h], 'objects': [{'box': [x0, y0, x1, y1] (pixels of the stored image, x1/y1 exclusive),
+  'class': id, 'phrase': the caption's words for it}]} of a rendered synthetic element
+  (`SyntheticShapes.render(masks=True)`)."""
+  phrases = object_phrases(scene.caption)
+  if len(phrases) != len(scene.classes):
+    raise ValueError(f"caption {scene.caption!r} names {len(phrases)} objects, the scene has {len(scene.classes)}")
+  h, w = element["image"].shape[:2]
+  return {"image_size": [int(w), int(h)],
+          "objects": [{"box": [float(v) for v in element["boxes"][k]], "class": int(c), "phrase": p}
+                      for k, (c, p) in enumerate(zip(scene.classes, phrases))]}
+
+
 def _render_shard(out_dir: str, index: int, start: int, stop: int, image_size: int, opts: dict) -> dict:
   from vlm_jax.data import shards, synthetic  # noqa: PLC0415 (spawned worker)
   src = synthetic.SyntheticShapes("train", image_size=image_size, **opts)
   writer = shards.ShardWriter(out_dir, shard_size=stop - start, first_shard=index)
   for i in range(start, stop):
     scene = src.scene(i)
-    el = src.render(scene, masks=False)
+    el = src.render(scene, masks=True)
     buf = io.BytesIO()
     Image.fromarray(el["image"]).save(buf, "PNG")
-    writer.write(f"{i:09d}", buf.getvalue(), "png", scene.caption, label=int(scene.label))
+    writer.write(f"{i:09d}", buf.getvalue(), "png", scene.caption, label=int(scene.label),
+                 meta=object_meta(scene, el))
   return writer.close(stats_file=False)["per_shard"][0]
 
 
@@ -58,7 +89,8 @@ def ensure_shards(options: dict, image_size: int, cache_dir: str | None = None, 
     synthetic.SyntheticShapes("train", image_size=image_size, **opts)
   except TypeError as e:
     raise UserError(f"bad data.synthetic options {sorted(opts)}: {e}") from None
-  ident = json.dumps({"v": 1, "opts": opts, "size": image_size, "n": num_train, "shard": shard_size},
+  # v2: samples carry per-object metadata ({key}.json)
+  ident = json.dumps({"v": 2, "opts": opts, "size": image_size, "n": num_train, "shard": shard_size},
                      sort_keys=True)
   name = "synthetic-" + hashlib.sha1(ident.encode()).hexdigest()[:12]
   root = cache_dir or default_cache_dir()

@@ -49,8 +49,11 @@ def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
 
 
 def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator, scale=(0.9, 1.0),
-                        ratio=(3 / 4, 4 / 3), flip: bool = False) -> np.ndarray:
-  """Inception-style crop resized to size×size (bicubic) + optional flip; uint8 [size, size, 3]."""
+                        ratio=(3 / 4, 4 / 3), flip: bool = False, return_box: bool = False):
+  """Inception-style crop resized to size×size (bicubic) + optional flip; uint8 [size, size, 3].
+
+  `return_box=True` returns (image, crop box (x0, y0, x1, y1) in input pixels, flipped) so that annotations (boxes)
+  can follow the image (`transform_boxes`); the random draws are the same either way."""
   w, h = img.size
   area = w * h
   log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -69,9 +72,31 @@ def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator, s
     cw, ch = min(cw, w), min(ch, h)
     box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
   out = np.asarray(img.resize((size, size), Image.BICUBIC, box=box))
-  if flip and rng.random() < 0.5:
+  flipped = bool(flip and rng.random() < 0.5)
+  if flipped:
     out = out[:, ::-1]
-  return np.ascontiguousarray(out)
+  out = np.ascontiguousarray(out)
+  return (out, box, flipped) if return_box else out
+
+
+def transform_boxes(boxes: np.ndarray, crop_box, flipped: bool, min_visible: float = 0.25):
+  """Boxes [K, 4] (x0, y0, x1, y1, input pixels) through `random_resized_crop`'s crop and flip, normalised to the
+  output image [0, 1]; returns (boxes [K, 4] float32, keep [K] bool). A box is clipped to the crop and dropped
+  (keep False, zeros) when less than `min_visible` of its area stays inside."""
+  boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+  cx0, cy0, cx1, cy1 = crop_box
+  cw, ch = cx1 - cx0, cy1 - cy0
+  x0 = (np.clip(boxes[:, 0], cx0, cx1) - cx0) / cw
+  x1 = (np.clip(boxes[:, 2], cx0, cx1) - cx0) / cw
+  y0 = (np.clip(boxes[:, 1], cy0, cy1) - cy0) / ch
+  y1 = (np.clip(boxes[:, 3], cy0, cy1) - cy0) / ch
+  if flipped:
+    x0, x1 = 1.0 - x1, 1.0 - x0
+  area = np.maximum(boxes[:, 2] - boxes[:, 0], 0) * np.maximum(boxes[:, 3] - boxes[:, 1], 0)
+  kept = (x1 - x0) * cw * (y1 - y0) * ch
+  keep = (area > 0) & (kept >= min_visible * area) & (x1 > x0) & (y1 > y0)
+  out = np.where(keep[:, None], np.stack([x0, y0, x1, y1], axis=1), 0.0).astype(np.float32)
+  return out, keep
 
 
 def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:

@@ -113,7 +113,10 @@ def build_model(config):
 def build_two_tower(config):
   """`TwoTower` model from a 'two_tower' model config (ConfigDict or dict); see CONTRACTS.md for the keys.
 
-  Options for converted SigLIP checkpoints: `project_image` (default True; a ResNet decides from its
+  `token_embeddings` (default False) adds FILIP's per-token embeddings to the outputs; `region_features` (default
+  False; `roi_size` RoIAlign bins per side, default 2) adds GLIP-style region and phrase embeddings for batches
+  with boxes. Options for converted SigLIP
+  checkpoints: `project_image` (default True; a ResNet decides from its
   `output_dim`), `text_proj_bias` (default False) and `max_log_logit_scale` (default ln 100; None: unclamped).
   """
   from vlm_jax.models.two_tower import TwoTower  # noqa: PLC0415 (keeps `import vlm_jax.models` light)
@@ -152,4 +155,6 @@ def build_two_tower(config):
       max_log_logit_scale=None if max_log_scale is None else float(max_log_scale),
       simclr_hidden=int(head.get("hidden", 0)) if head else 0,
       simclr_out=int(head.get("out", 0)) if head else 0,
-      flip_mask_ratio=ratio, dtype=dtype, param_dtype=param_dtype)
+      flip_mask_ratio=ratio, token_embeddings=bool(cfg.get("token_embeddings", False)),
+      region_features=bool(cfg.get("region_features", False)), roi_size=int(cfg.get("roi_size", 2)),
+      dtype=dtype, param_dtype=param_dtype)

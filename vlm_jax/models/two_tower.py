@@ -5,7 +5,12 @@ One module serves CLIP (Radford et al. 2021), SigLIP (Zhai et al. 2023: adds the
 head on two augmented views) and FLIP (Li et al. 2023: random patch dropping in training). The outputs dict is
 the contract consumed by `vlm_jax.objectives`:
   zimg, ztxt [B, E] L2-normalised float32; logit_scale = exp(min(log_logit_scale, ln 100)); logit_bias (SigLIP);
-  img, txt: the encoder dicts {'pooled', 'tokens'}; zview1, zview2 (SLIP, when the batch has the views).
+  img, txt: the encoder dicts {'pooled', 'tokens'}; zview1, zview2 (SLIP, when the batch has the views);
+  with `token_embeddings` (FILIP, Yao et al. 2021): zimg_tokens [B, N, E], ztxt_tokens [B, L, E] (every token through
+  the same projection, L2-normalised) and txt_mask [B, L] (see `text_token_mask`); with `region_features` and a
+  batch carrying 'boxes' [B, K, 4] and 'phrases' [B, K, Lp] (GLIP-style region-word alignment, Li et al. 2022):
+  zregion, zphrase [B, K, E] L2-normalised (see `TwoTower.encode_regions` / `encode_phrases`), region_logit_scale,
+  region_logit_bias.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.errors import UserError
+from vlm_jax.models.roi_align import roi_align, token_grid
 from vlm_jax.models.transformer import layer_norm
 from vlm_jax.models.vit import random_keep_indices
 
@@ -35,6 +41,17 @@ def _projection(features: int, name: str, dtype: Dtype, param_dtype: Dtype, use_
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
                   kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None)),
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
+
+
+def text_token_mask(ids: jax.Array) -> jax.Array:
+  """bool [B, L]: the word tokens of CLIP-layout rows `[SOT] words… [EOT] pad…` (FILIP, Yao et al. 2021, drops
+  padding, SOT and EOT from the token-wise similarity): id ≠ 0 (pad), position ≠ 0 (SOT) and not the row's argmax
+  (EOT, the largest id). A row with no word keeps its EOT, so every text has at least one token."""
+  ids = jnp.asarray(ids)
+  pos = jnp.arange(ids.shape[1])[None, :]
+  eot = jnp.argmax(ids, axis=1)[:, None]
+  mask = (ids != 0) & (pos != 0) & (pos != eot)
+  return mask | (~jnp.any(mask, axis=1, keepdims=True) & (pos == eot))
 
 
 class SimCLRHead(nn.Module):
@@ -68,7 +85,7 @@ class TwoTower(nn.Module):
   the image projection (CLIP ResNets project inside their attention pool; SigLIP's image embedding is the MAP
   head's output). `text_proj_bias` gives the text projection a bias (SigLIP's text head, Zhai et al. 2023).
   `max_log_logit_scale` clamps log t (CLIP: ln 100, Radford et al. 2021); None leaves t unclamped, as SigLIP,
-  whose trained t can exceed 100.
+  whose trained t can exceed 100. `token_embeddings=True` adds FILIP's per-token embeddings to the outputs.
   """
   img: nn.Module
   txt: nn.Module
@@ -82,6 +99,11 @@ class TwoTower(nn.Module):
   simclr_hidden: int = 0  # 0: no SimCLR head
   simclr_out: int = 0
   flip_mask_ratio: float = 0.0
+  token_embeddings: bool = False  # FILIP: zimg_tokens, ztxt_tokens, txt_mask
+  region_features: bool = False  # GLIP-style region-word alignment: zregion, zphrase (batches with boxes)
+  roi_size: int = 2  # RoIAlign bins per side (each averaged over 2 × 2 bilinear samples)
+  region_scale_init: float = math.log(10.)
+  region_bias_init: float = -math.log(99.)  # prior π = 0.01 (RetinaNet, Lin et al. 2017)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -94,6 +116,10 @@ class TwoTower(nn.Module):
         "log_logit_scale", nn.initializers.constant(self.logit_scale_init), (), jnp.float32)
     if self.logit_bias_init is not None:
       self.logit_bias = self.param("logit_bias", nn.initializers.constant(self.logit_bias_init), (), jnp.float32)
+    if self.region_features:
+      self.region_log_scale = self.param("region_log_scale", nn.initializers.constant(self.region_scale_init), (),
+                                         jnp.float32)
+      self.region_bias = self.param("region_bias", nn.initializers.constant(self.region_bias_init), (), jnp.float32)
     if self.simclr_hidden:
       self.simclr_head = SimCLRHead(self.simclr_hidden, self.simclr_out, self.dtype, self.param_dtype)
 
@@ -104,6 +130,14 @@ class TwoTower(nn.Module):
   def _embed_text(self, enc):
     z = self.txt_proj(enc["pooled"]) if self.project_text else enc["pooled"]
     return l2_normalize(z)
+
+  def _embed_image_tokens(self, tokens):
+    """[B, N, E] L2-normalised image token embeddings through the pooled embedding's projection (FILIP)."""
+    return l2_normalize(self.img_proj(tokens) if self.project_image else tokens)
+
+  def _embed_text_tokens(self, tokens):
+    """[B, L, E] L2-normalised text token embeddings through the pooled embedding's projection (FILIP)."""
+    return l2_normalize(self.txt_proj(tokens) if self.project_text else tokens)
 
   def _image_tower(self, images, train: bool):
     """Image encoder; FLIP drops a random round(r N) patches per example in training (rng stream 'mask')."""
@@ -122,6 +156,35 @@ class TwoTower(nn.Module):
   def encode_text(self, ids, *, train: bool = False):
     """L2-normalised text embeddings ztxt [B, embed_dim] (float32) for token ids [B, L]."""
     return self._embed_text(self.txt(ids, train=train))
+
+  def encode_image_tokens(self, images, *, train: bool = False):
+    """L2-normalised per-token image embeddings [B, N, embed_dim] (FILIP, Yao et al. 2021)."""
+    return self._embed_image_tokens(self.img(images, train=train)["tokens"])
+
+  def encode_text_tokens(self, ids, *, train: bool = False):
+    """L2-normalised per-token text embeddings [B, L, embed_dim] (FILIP); `text_token_mask(ids)` marks the words."""
+    return self._embed_text_tokens(self.txt(ids, train=train)["tokens"])
+
+  def _region_embeddings(self, tokens, image_hw, boxes):
+    """RoIAlign (He et al. 2017) of the image tokens on their patch grid at `boxes` [B, K, 4] (normalised x0, y0,
+    x1, y1), bins averaged, then the token projection and L2 norm: [B, K, embed_dim]."""
+    pooled = roi_align(token_grid(tokens, image_hw), boxes, self.roi_size).mean(axis=(2, 3))
+    return self._embed_image_tokens(pooled.astype(tokens.dtype))
+
+  def encode_regions(self, images, boxes, *, train: bool = False):
+    """L2-normalised region embeddings [B, K, embed_dim] of `boxes` [B, K, 4] (see `_region_embeddings`)."""
+    return self._region_embeddings(self.img(images, train=train)["tokens"], images.shape[1:3], boxes)
+
+  def encode_phrases(self, phrases, *, train: bool = False):
+    """L2-normalised phrase embeddings [..., embed_dim] of token ids [..., Lp]: each phrase ("crimson disk") is
+    encoded alone by the text tower and pooled like a caption (ztxt of the phrase)."""
+    lead = phrases.shape[:-1]
+    z = self.encode_text(phrases.reshape(-1, phrases.shape[-1]), train=train)
+    return z.reshape(*lead, z.shape[-1])
+
+  def region_logit_params(self):
+    """(t_rw, b_rw): the region-word logit scale exp(region_log_scale) (clamped at 100) and bias."""
+    return jnp.exp(jnp.minimum(self.region_log_scale, MAX_LOG_LOGIT_SCALE)), self.region_bias
 
   def encode_dense(self, images, *, train: bool = False):
     """L2-normalised dense image embeddings [B, h, w, embed_dim] (float32), MaskCLIP-style (Zhou et al. 2022).
@@ -153,6 +216,14 @@ class TwoTower(nn.Module):
            "logit_scale": self.logit_scale(), "img": img, "txt": txt}
     if self.logit_bias_init is not None:
       out["logit_bias"] = self.logit_bias
+    if self.token_embeddings:
+      out["zimg_tokens"] = self._embed_image_tokens(img["tokens"])
+      out["ztxt_tokens"] = self._embed_text_tokens(txt["tokens"])
+      out["txt_mask"] = text_token_mask(batch["text"])
+    if self.region_features and "boxes" in batch and "phrases" in batch:
+      out["zregion"] = self._region_embeddings(img["tokens"], batch["image"].shape[1:3], batch["boxes"])
+      out["zphrase"] = self.encode_phrases(batch["phrases"], train=train)
+      out["region_logit_scale"], out["region_logit_bias"] = self.region_logit_params()
     if self.simclr_hidden and "image_view1" in batch and "image_view2" in batch:
       for k in ("1", "2"):
         pooled = self.img(batch["image_view" + k], train=train)["pooled"]

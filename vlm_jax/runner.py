@@ -46,7 +46,10 @@ def _loss_fn(config):
 
 
 def lit_init(config):
-  """`params_override` copying `config.init.params` (regex) from `config.init.checkpoint` (LiT), or None."""
+  """`params_override` copying `config.init.params` (regex) from `config.init.checkpoint` (LiT), or None.
+
+  `config.init.rename` (optional {regex: replacement}) maps this model's parameter paths to the checkpoint's,
+  e.g. {'^teacher/': 'img/'} (MAE feature targets from a CLIP image tower; see `checkpoint.source_path`)."""
   src = config.init.get("checkpoint")
   if not src:
     if config.init.get("required"):
@@ -56,7 +59,9 @@ def lit_init(config):
   pattern = config.init.get("params") or ".*"
 
   def override(params):
-    return checkpoint.copy_params(params, checkpoint.load_params(src), pattern, source_name=src)
+    rename = config.init.get("rename") or None
+    rename = rename.to_dict() if hasattr(rename, "to_dict") else rename
+    return checkpoint.copy_params(params, checkpoint.load_params(src), pattern, source_name=src, rename=rename)
 
   return override
 

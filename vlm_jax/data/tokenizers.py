@@ -19,6 +19,9 @@ as its old name).
   Face's `SiglipTokenizer` ids (`vlm_jax.data.siglip_tokenizer`). Length 64. The one exception to the layout
   above: rows are `pieces… </s>` padded with `</s>` (pad_id == eot_id, 1 for Google's models), no SOT
   (`sot_id` None), EOT not the largest id — SigLIP's text tower pools at the last position, not at argmax.
+- 'render': no ids at all — each text is drawn as an image, float32 [N, height, width, 3] normalised like the
+  photos, for pixels-only one-tower models (CLIPPO, Tschannen et al. 2023; `vlm_jax.data.render_text`). Options
+  height (32), width (128), font_size (8), mean, std; `vocab_size` and `context_length` are 0.
 """
 
 from __future__ import annotations
@@ -181,6 +184,11 @@ def _siglip():
   return SiglipTokenizer
 
 
+def _render():
+  from vlm_jax.data.render_text import RenderTokenizer  # noqa: PLC0415  (needs Pillow only)
+  return RenderTokenizer
+
+
 _TOKENIZERS = {
     "words": lambda: WordTokenizer,
     "bytes": lambda: ByteTokenizer,
@@ -188,6 +196,7 @@ _TOKENIZERS = {
     "clip_bpe": _clip_bpe,
     "clip": _clip_bpe,
     "siglip": _siglip,
+    "render": _render,
 }
 
 

@@ -117,8 +117,19 @@ def load_variables(directory: str) -> dict:
   return {"params": _merged_params(state), **(state.get("extra") or {})}
 
 
-def copy_params(target: dict, source: dict, pattern: str, *, source_name: str = "checkpoint") -> dict:
-  """Replaces the leaves of `target` whose '/'-path matches `pattern` by the same-path leaves of `source`."""
+def source_path(path: str, rename: dict | None) -> str:
+  """The checkpoint path of this model's parameter `path`: each `rename` item (regex -> replacement, applied in
+  order with `re.sub`) rewrites it, e.g. {'^teacher/': 'img/'} reads a frozen teacher from a CLIP image tower."""
+  import re
+  for pattern, repl in (rename or {}).items():
+    path = re.sub(pattern, repl, path)
+  return path
+
+
+def copy_params(target: dict, source: dict, pattern: str, *, source_name: str = "checkpoint",
+                rename: dict | None = None) -> dict:
+  """Replaces the leaves of `target` whose '/'-path matches `pattern` by the leaves of `source` at the same path,
+  or at `source_path(path, rename)` when `rename` maps this model's paths to the checkpoint's."""
   import re
   from flax import traverse_util
   rx = re.compile(pattern)
@@ -128,10 +139,11 @@ def copy_params(target: dict, source: dict, pattern: str, *, source_name: str = 
   if not hits:
     raise UserError(f"init.params={pattern!r} matches no parameter of this model")
   for k in hits:
-    if k not in src:
-      raise UserError(f"{source_name} has no parameter {k!r} (another architecture?)")
-    if tuple(src[k].shape) != tuple(tgt[k].shape):
-      raise UserError(f"{source_name} parameter {k!r} has shape {tuple(src[k].shape)}, "
-                      f"this model needs {tuple(tgt[k].shape)} (another architecture?)")
-    tgt[k] = np.asarray(src[k]).astype(tgt[k].dtype)
+    s = source_path(k, rename)
+    if s not in src:
+      raise UserError(f"{source_name} has no parameter {s!r} (another architecture?)")
+    if tuple(src[s].shape) != tuple(tgt[k].shape):
+      raise UserError(f"{source_name} parameter {s!r} has shape {tuple(src[s].shape)}, "
+                      f"this model needs {tuple(tgt[k].shape)} for {k!r} (another architecture?)")
+    tgt[k] = np.asarray(src[s]).astype(tgt[k].dtype)
   return traverse_util.unflatten_dict(tgt, sep="/")

@@ -28,9 +28,17 @@ def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array
   return _mean_over(err, mask)
 
 
-def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(mean token cross-entropy, token accuracy) over the positions where `mask` is set; logits [..., V]."""
+def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array,
+                         label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """(mean token cross-entropy, token accuracy) over the positions where `mask` is set; logits [..., V].
+
+  `label_smoothing` ε > 0 uses the target distribution (1 − ε) one_hot(y) + ε / V (Szegedy et al. 2016, §7).
+  """
   logits = logits.astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  if label_smoothing:
+    labels = optax.smooth_labels(jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32), label_smoothing)
+    ce = optax.softmax_cross_entropy(logits, labels)
+  else:
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   return _mean_over(ce, mask), _mean_over(correct, mask)

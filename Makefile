@@ -7,6 +7,8 @@ STAMP_DEV := $(VENV)/.installed-dev
 STAMP_ALL := $(VENV)/.installed-all
 DEMO_DIR ?= workdirs/demo
 PYTEST_ARGS ?=
+# pytest-xdist worker processes (auto: one per CPU core; 0 runs the tests in this process)
+PYTEST_WORKERS ?= auto
 
 STAMP_INTEROP := $(VENV)/.installed-interop
 
@@ -34,7 +36,7 @@ demo: $(STAMP_BASE)
 
 ## make test: set up .venv with the test extras and run the suite (8 simulated CPU devices).
 test: $(STAMP_DEV)
-	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 $(STAMP_INTEROP): setup.py | $(PY)
 	$(PY) -m pip install --quiet -e ".[dev,interop]"
@@ -42,7 +44,7 @@ $(STAMP_INTEROP): setup.py | $(PY)
 
 ## make test-interop: add torch/open_clip/transformers/webdataset and run the parity tests (marker `interop`).
 test-interop: $(STAMP_INTEROP)
-	$(PY) -m pytest tests -q -m interop $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -n $(PYTEST_WORKERS) -m interop $(PYTEST_ARGS)
 
 ## make venv: create/update .venv with every extra (dev, interop, gcs).
 venv: $(STAMP_ALL)

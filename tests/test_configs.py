@@ -10,7 +10,7 @@ from tests import train_helpers as th
 from vlm_jax import runner
 from vlm_jax.errors import UserError
 
-CONFIGS = ["clip", "siglip", "unicl", "slip"]
+CONFIGS = ["clip", "siglip", "unicl", "slip", "coca", "cappa", "mae", "flava", "filip", "region_word", "clippo"]
 
 
 VARIANTS = {"flip": {"model.flip_mask_ratio": 0.5}, "accum": {"optimizer.grad_accum_steps": 2},

@@ -42,26 +42,16 @@ def _generator(model, tokenizer, o: dict, mesh) -> Callable:
   """fn(variables, images np [N, ...]) -> ids np [N, max_len], batched and sharded over the mesh."""
   from vlm_jax import decoding  # noqa: PLC0415
   from vlm_jax.parallel import mesh as mesh_lib  # noqa: PLC0415
+  from vlm_jax.evaluate.embed import apply_batched  # noqa: PLC0415
   if getattr(tokenizer, "sot_id", None) is None:
     raise UserError("captioning needs a tokenizer with a start-of-text token (rows [SOT] … [EOT])")
   max_len = int(o["max_len"] or tokenizer.context_length)
   gen = decoding.make_generator(model, max_len=max_len, sot_id=int(tokenizer.sot_id), eot_id=int(tokenizer.eot_id),
                                 beam_size=int(o["beam_size"]), alpha=float(o["alpha"]),
                                 out_shardings=mesh_lib.replicated(mesh))
-  dp = mesh_lib.data_parallel_size(mesh)
 
   def run(variables, images: np.ndarray) -> np.ndarray:
-    bs = -(-min(int(o["batch_size"]), len(images)) // dp) * dp
-    out = []
-    for start in range(0, len(images), bs):
-      chunk = images[start:start + bs]
-      n = len(chunk)
-      if n < bs:
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - n, axis=0)])
-      placed = jax.device_put(chunk, mesh_lib.batch_sharding(mesh, chunk.ndim))
-      with jax.set_mesh(mesh):
-        out.append(np.asarray(gen(variables, placed))[:n])
-    return np.concatenate(out)
+    return apply_batched(gen, variables, images, int(o["batch_size"]), mesh)
 
   return run
 

@@ -25,19 +25,25 @@ class Embedder:
 
   def __call__(self, variables: Any, x: np.ndarray) -> np.ndarray:
     mesh = self.mesh or current_mesh()
-    dp = mesh_lib.data_parallel_size(mesh)
-    bs = -(-min(self.batch_size, max(len(x), 1)) // dp) * dp  # a multiple of the data-parallel size
-    fn = _compiled(self.model, self.method, mesh)
-    out = []
-    for start in range(0, len(x), bs):
-      chunk = x[start:start + bs]
-      n = len(chunk)
-      if n < bs:
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - n, axis=0)])
-      placed = jax.device_put(chunk, mesh_lib.batch_sharding(mesh, chunk.ndim))
-      with jax.set_mesh(mesh):
-        out.append(np.asarray(fn(variables, placed))[:n])
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+    return apply_batched(_compiled(self.model, self.method, mesh), variables, x, self.batch_size, mesh)
+
+
+def apply_batched(fn: Callable, variables: Any, x: np.ndarray, batch_size: int, mesh) -> np.ndarray:
+  """`fn(variables, batch)` over `x` in fixed-size batches (a multiple of the data-parallel size; the last one
+  padded by repeating its final row), each placed sharded over the mesh's batch axes; the un-padded results
+  concatenated on the host."""
+  dp = mesh_lib.data_parallel_size(mesh)
+  bs = -(-min(int(batch_size), max(len(x), 1)) // dp) * dp
+  out = []
+  for start in range(0, len(x), bs):
+    chunk = x[start:start + bs]
+    n = len(chunk)
+    if n < bs:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - n, axis=0)])
+    placed = jax.device_put(chunk, mesh_lib.batch_sharding(mesh, chunk.ndim))
+    with jax.set_mesh(mesh):
+      out.append(np.asarray(fn(variables, placed))[:n])
+  return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 @functools.lru_cache(maxsize=16)

@@ -9,6 +9,7 @@ import pytest
 
 from tests import train_helpers as th
 from vlm_jax import runner
+from vlm_jax.models import build_model
 from vlm_jax.parallel import partitioning
 from vlm_jax.parallel.mesh import make_mesh
 from vlm_jax.train import aot, flops
@@ -24,7 +25,7 @@ def test_large_variant_compiles_on_fsdp_mesh(name, arg):
   out = aot.compile_train_step(config, mesh, partitioning.rules_from_config(None), batch_size=8)
   mem = out.compiled.memory_analysis()
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
-      jax.eval_shape(lambda: runner.build(config)[1].init(
+      jax.eval_shape(lambda: build_model(config.model).init(
           jax.random.PRNGKey(0), {k: np.zeros((1, *v.shape[1:]), v.dtype) for k, v in out.batch.items()}))))
   # FSDP: parameters (fp32) and the two Adam moments, each about 1/8 per device; arguments include the batch
   per_device_state = mem.argument_size_in_bytes
@@ -37,7 +38,7 @@ def test_large_variant_compiles_on_fsdp_mesh(name, arg):
 @pytest.mark.parametrize("name,arg", LARGE[:2], ids=["B/16", "L/14"])
 def test_xla_and_analytic_model_flops_agree(name, arg):
   config = th.load_config(f"configs/pretrain/{name}.py", arg)
-  _, model, loss_fn = runner.build(config)
+  model, loss_fn = build_model(config.model), runner.build_loss_fn(config)  # full configs fix vocab and length
   mesh = make_mesh({"data": 8})
   batch = aot.abstract_batch(config, 8, mesh)
   with jax.set_mesh(mesh):

@@ -24,7 +24,7 @@ def build(config):
   """(tokenizer, model, loss_fn) for a config; text vocabulary and length follow the tokenizer."""
   model_cfg = config.model.to_dict()
   if "text" not in model_cfg:  # an image-only framework (MAE): the tokenizer still feeds the evaluators
-    return build_tokenizer(config), build_model(model_cfg), _loss_fn(config)
+    return build_tokenizer(config), build_model(model_cfg), build_loss_fn(config)
   text = dict(model_cfg["text"])
   # a model config complete without the tokenizer is checked first: its mistakes are reported before, e.g., a
   # missing tokenizer vocabulary file
@@ -37,10 +37,11 @@ def build(config):
                     f"tokenizer's (vocab {tokenizer.vocab_size}, length {tokenizer.max_len})")
   model_cfg["text"] = text
   model = model or build_model(model_cfg)
-  return tokenizer, model, _loss_fn(config)
+  return tokenizer, model, build_loss_fn(config)
 
 
-def _loss_fn(config):
+def build_loss_fn(config):
+  """The weighted sum of `config.objectives` (`vlm_jax.objectives.make_loss_fn`) over the batch axes."""
   return objectives.make_loss_fn(config.objectives.to_dict(), config.objective_hparams.to_dict(),
                                  mesh_axes=BATCH_AXES)
 

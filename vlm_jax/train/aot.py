@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax import runner
+from vlm_jax.models import build_model
 from vlm_jax.parallel import mesh as mesh_lib
 from vlm_jax.train.optim import make_optimizer
 from vlm_jax.train.state import create_train_state
@@ -38,7 +39,7 @@ def abstract_batch(config, batch_size: int, mesh) -> dict:
 
 def compile_train_step(config, mesh, rules, batch_size: int) -> CompiledStep:
   """Lowers and compiles `config`'s train step for a global batch of `batch_size` on `mesh`."""
-  _, model, loss_fn = runner.build(config)
+  model, loss_fn = build_model(config.model), runner.build_loss_fn(config)  # no tokenizer (vocabulary) needed
   tx, schedule = make_optimizer(config.optimizer, int(config.total_steps))
   batch = abstract_batch(config, batch_size, mesh)
   example = {k: jnp.zeros((1, *v.shape[1:]), v.dtype) for k, v in batch.items()}

@@ -26,16 +26,8 @@ example:
 EOF
 }
 
-die() { printf 'error: %s\n' "$1" >&2; usage | head -n 1 >&2; exit 2; }
-
-# Shell-quotes each argument so a printed command can be pasted back into a shell unchanged.
-shell_quote() {
-  local a out=()
-  for a in "$@"; do
-    if [[ -n $a && $a != *[!A-Za-z0-9_./:=@%+,-]* ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
-  done
-  printf '%s\n' "${out[*]}"
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 num_processes=${NUM_PROCESSES:-1}
 gpus_per_process=${GPUS_PER_PROCESS:-1}

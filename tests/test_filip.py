@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.loss_helpers import assert_value_and_grads_close
 from vlm_jax.errors import UserError
 from vlm_jax.models import build_model
 from vlm_jax.models.two_tower import text_token_mask
@@ -59,14 +60,7 @@ def reference():
 
 
 def _assert_close(got, ref):
-  (loss, metrics), grads = got
-  (ref_loss, ref_metrics), ref_grads = ref
-  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-  assert set(metrics) == set(ref_metrics)
-  for key in ref_metrics:
-    np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
-  for name, g, ref_g in zip(("x", "y", "scale"), grads, ref_grads):
-    np.testing.assert_allclose(g, ref_g, rtol=1e-5, atol=1e-7, err_msg=name)
+  assert_value_and_grads_close(got, ref, ("x", "y", "scale"))
 
 
 @pytest.mark.parametrize("tile", [None, 1])

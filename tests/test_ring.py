@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.loss_helpers import assert_value_and_grads_close
 from vlm_jax.errors import UserError
 from vlm_jax.objectives import make_loss_fn
 from vlm_jax.objectives.contrastive import clip_loss, siglip_loss, unicl_loss
@@ -48,14 +49,7 @@ def references():
 
 
 def _assert_close(got, ref):
-  (loss, metrics), grads = got
-  (ref_loss, ref_metrics), ref_grads = ref
-  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-  assert set(metrics) == set(ref_metrics)
-  for key in ref_metrics:
-    np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
-  for name, g, ref_g in zip(("zimg", "ztxt", "scale", "bias"), grads, ref_grads):
-    np.testing.assert_allclose(g, ref_g, rtol=1e-5, atol=1e-7, err_msg=name)
+  assert_value_and_grads_close(got, ref, ("zimg", "ztxt", "scale", "bias"))
 
 
 @pytest.mark.parametrize("tile", [None, 2, 8])

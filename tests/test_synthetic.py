@@ -196,3 +196,44 @@ def test_classification_metrics():
   m = zeroshot.classification_metrics(logits, np.array([0, 2, 1, 2]), ks=(1, 2))
   assert m["top1"] == 0.5 and m["top2"] == 0.75
   assert m["mean_per_class_recall"] == pytest.approx((1 + 0 + 0.5) / 3)
+
+
+def test_validation_split_is_class_balanced_and_disjoint():
+  """'val' (appended to SPLITS: the other splits keep their random streams) shows every class, one object per
+  image, and shares no image with the training split, the eval splits or the probe-training images."""
+  assert synthetic.SPLITS[:4] == ("train", "eval_seen", "eval_unseen", "eval_retrieval")
+  val = _src("val", eval_per_class=2)
+  assert len(val) == 128
+  assert [val.scene(i).classes for i in range(len(val))] == [(i % 64,) for i in range(128)]
+  val_imgs = {val[i]["image"].tobytes() for i in range(len(val))}
+  assert len(val_imgs) == 128
+  others = {_src()[i]["image"].tobytes() for i in range(400)}
+  for split in ("eval_seen", "eval_unseen"):
+    src = _src(split, num_samples=200)  # the eval images and the probe-training ones that follow them
+    others |= {src[i]["image"].tobytes() for i in range(len(src))}
+  assert not val_imgs & others
+
+
+def test_uint8_images_agree_with_normalised_ones():
+  from vlm_jax.data import synthetic_eval
+  from vlm_jax.data.transforms import normalize
+  data = {**DATA, "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}
+  val = synthetic_eval.validation_set(data, image_size=S, per_class=1)
+  assert val["image_uint8"].dtype == np.uint8 and val["image"].dtype == np.float32
+  np.testing.assert_array_equal(val["label"], np.arange(64))
+  np.testing.assert_array_equal(val["image"], normalize(val["image_uint8"], data["mean"], data["std"]))
+  src = _src("val")
+  np.testing.assert_array_equal(val["image_uint8"][5], src[5]["image"])
+  for split in ("eval_seen", "eval_unseen"):  # the same images as the zero-shot evaluator's
+    got, ref = synthetic_eval.labelled_set(data, split, image_size=S), pipeline.make_eval_arrays(data, split)
+    np.testing.assert_array_equal(got["image"], ref["image"])
+    np.testing.assert_array_equal(got["label"], ref["class"])
+    np.testing.assert_array_equal(got["image"], normalize(got["image_uint8"], data["mean"], data["std"]))
+  probe = synthetic_eval.probe_sets(data, image_size=S, train_per_class=1)
+  for part in ("train", "test"):
+    np.testing.assert_array_equal(probe[part]["image"],
+                                  normalize(probe[part]["image_uint8"], data["mean"], data["std"]))
+  ret = synthetic_eval.retrieval_set(data, image_size=S, num_images=8)
+  np.testing.assert_array_equal(ret["image"], normalize(ret["image_uint8"], data["mean"], data["std"]))
+  with pytest.raises(UserError, match="unknown labelled split"):
+    synthetic_eval.labelled_set(data, "train", image_size=S)

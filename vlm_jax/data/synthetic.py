@@ -12,6 +12,9 @@ caption; the 'eval_unseen' split shows only those pairs, 'eval_seen' only the ot
 zero-shot classification over all 64 classes measures compositional generalisation (chance 1/64). The
 'eval_retrieval' split draws held-out scenes like the training ones (1–3 objects of seen pairs, from its own
 random stream), and `SyntheticShapes.captions` gives several different captions of one scene (retrieval).
+The 'val' split (model selection, e.g. for few-shot transfer) shows one object per image of ALL classes,
+class-balanced (image i shows class i mod n_classes), from its own random stream: no image of it is a 'train' or
+eval image. Distribution-shift tasks and open-vocabulary scenes live in `synthetic_shift` and `synthetic_scenes`.
 
 Everything is a pure function of (seed, split, index): `SyntheticShapes` is a random-access source (`__len__`,
 `__getitem__`) usable as a grain data source. An element is a dict
@@ -36,6 +39,8 @@ from typing import Sequence
 
 import numpy as np
 
+from vlm_jax.data import synthetic_paint as paint
+from vlm_jax.data.synthetic_paint import N_TEXTURES, shape_mask  # noqa: F401 (re-exported)
 from vlm_jax.errors import UserError
 
 # name, caption synonyms (the first is canonical and is the one used in zero-shot prompts)
@@ -67,12 +72,11 @@ COLOURS: tuple[tuple[str, tuple[int, int, int], tuple[str, ...]], ...] = (
 SIZE_WORDS = {0: ("small", "tiny", "little"), 1: ("medium", "mid-sized"), 2: ("large", "big")}
 PREFIXES = ("", "a photo of ", "a picture of ", "an image of ", "there is ", "a rendering of ")
 SUFFIXES = ("", "", "", " on a textured background")
-SPLITS = ("train", "eval_seen", "eval_unseen", "eval_retrieval")  # append only: the index keys the rng
+SPLITS = ("train", "eval_seen", "eval_unseen", "eval_retrieval", "val")  # append only: the index keys the rng
 # relative diameter ranges (fraction of the image side) per size class: small, medium, large
-_SIZE_RANGES = ((0.30, 0.38), (0.40, 0.50), (0.52, 0.66))
+SIZE_RANGES = ((0.30, 0.38), (0.40, 0.50), (0.52, 0.66))
 _SIZE_EDGES = (0.39, 0.51)  # diameter fractions separating the size classes (recovers a scene's size words)
 _MULTI_MAX_DIAM = 0.45  # objects of multi-object images sit in distinct quadrants
-N_TEXTURES = 256  # background textures per source (each scene adds its own grey level, tint and contrast)
 
 
 def _article(word: str) -> str:
@@ -145,76 +149,6 @@ class Scene:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# shape inside-tests on normalised coordinates u (right), v (down) in [-1, 1]
-
-def _polygon(n: int, radius: float = 1.0, phase: float = -np.pi / 2, inner: float | None = None):
-  """Vertices of a regular n-gon (or a 2n-point star when `inner` is set), first vertex at `phase`."""
-  if inner is None:
-    a = phase + 2 * np.pi * np.arange(n) / n
-    return np.stack([radius * np.cos(a), radius * np.sin(a)], -1)
-  a = phase + np.pi * np.arange(2 * n) / n
-  r = np.where(np.arange(2 * n) % 2 == 0, radius, inner)
-  return np.stack([r * np.cos(a), r * np.sin(a)], -1)
-
-
-_STAR = _polygon(5, 1.0, inner=0.45)
-_STAR[:, 1] += 0.1
-_HEXAGON = _polygon(6, 0.97, phase=0.0)
-
-
-def _in_polygon(u: np.ndarray, v: np.ndarray, poly: np.ndarray) -> np.ndarray:
-  """Even-odd crossing test of points (u, v) against a closed polygon [E, 2]."""
-  inside = np.zeros(u.shape, bool)
-  x0, y0 = poly[:, 0], poly[:, 1]
-  x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
-  for a, b, c, d in zip(x0, y0, x1, y1):
-    crosses = (b > v) != (d > v)
-    xint = a + (v - b) * (c - a) / (d - b + 1e-12)
-    inside ^= crosses & (u < xint)
-  return inside
-
-
-def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-  r2 = u * u + v * v
-  if shape == "circle":
-    return r2 <= 0.92 ** 2
-  if shape == "square":
-    return np.maximum(np.abs(u), np.abs(v)) <= 0.78
-  if shape == "triangle":
-    return (v <= 0.75) & (np.abs(u) <= (v + 0.95) * 0.57)
-  if shape == "diamond":
-    return np.abs(u) * 1.05 + np.abs(v) * 0.95 <= 1.0
-  if shape == "star":
-    return _in_polygon(u, v, _STAR)
-  if shape == "cross":
-    return ((np.abs(u) <= 0.3) & (np.abs(v) <= 0.95)) | ((np.abs(v) <= 0.3) & (np.abs(u) <= 0.95))
-  if shape == "heart":
-    x, y = u * 1.2, -v * 1.2 + 0.15
-    return (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0
-  if shape == "ring":
-    return (r2 <= 0.95 ** 2) & (r2 >= 0.5 ** 2)
-  if shape == "crescent":
-    return (r2 <= 0.95 ** 2) & ((u - 0.45) ** 2 + (v + 0.15) ** 2 >= 0.75 ** 2)
-  if shape == "hexagon":
-    return _in_polygon(u, v, _HEXAGON)
-  raise ValueError(f"unknown shape {shape!r}")
-
-
-_MASK_RES = 128  # raster samples across [-1, 1]
-_MASK_OFF = 96  # raster index of u = -1: a wide margin of "outside" so lookups never need clipping
-_MASK_MID = _MASK_OFF + _MASK_RES // 2  # raster index of the shape centre (u = 0)
-_MASKS: dict[str, np.ndarray] = {}
-
-
-def shape_mask(shape: str) -> np.ndarray:
-  """bool raster of a shape: [-1, 1]² sampled at 128², inside a margin of `False`; computed once."""
-  if shape not in _MASKS:
-    n = _MASK_RES + 2 * _MASK_OFF
-    g = ((np.arange(n, dtype=np.float32) - _MASK_OFF) + 0.5) / _MASK_RES * 2 - 1
-    u, v = np.meshgrid(g, g)
-    _MASKS[shape] = _inside(shape, u, v)
-  return _MASKS[shape]
-
 
 class _Draws:
   """Uniforms drawn from a generator in blocks (few numpy calls per scene keep sampling cheap)."""
@@ -270,7 +204,8 @@ class SyntheticShapes:
     self.unseen_classes = np.sort(held[:, 0] * n_colours + held[:, 1]).astype(np.int32)
     self.seen_classes = np.setdiff1d(np.arange(self.n_classes), self.unseen_classes).astype(np.int32)
     self._pool = {"train": self.seen_classes, "eval_seen": self.seen_classes,
-                  "eval_unseen": self.unseen_classes, "eval_retrieval": self.seen_classes}[split]
+                  "eval_unseen": self.unseen_classes, "eval_retrieval": self.seen_classes,
+                  "val": np.arange(self.n_classes, dtype=np.int32)}[split]
     if num_samples is None:
       num_samples = (1 << 24) if split == "train" else eval_per_class * len(self._pool)
     self.num_samples = int(num_samples)
@@ -300,7 +235,7 @@ class SyntheticShapes:
     centers, diams, size_ids = [], [], []
     if k == 1:  # anywhere, any size
       size_ids.append(d.integers(3))
-      diams.append(s * d.uniform(*_SIZE_RANGES[size_ids[0]]))
+      diams.append(s * d.uniform(*SIZE_RANGES[size_ids[0]]))
       r = diams[0] / 2
       centers.append((d.uniform(r + 0.5, s - r - 0.5), d.uniform(r + 0.5, s - r - 0.5)))
     else:  # k distinct quadrants, each object inside its own: no overlap, no occlusion
@@ -308,7 +243,7 @@ class SyntheticShapes:
       for j in range(k):
         q = cells.pop(d.integers(len(cells)))
         size_ids.append(d.integers(2))
-        diam = s * min(d.uniform(*_SIZE_RANGES[size_ids[-1]]), _MULTI_MAX_DIAM)
+        diam = s * min(d.uniform(*SIZE_RANGES[size_ids[-1]]), _MULTI_MAX_DIAM)
         r, half = diam / 2, s / 2
         ox, oy = (q % 2) * half, (q // 2) * half
         centers.append((ox + d.uniform(r + 0.5, half - r - 0.5), oy + d.uniform(r + 0.5, half - r - 0.5)))
@@ -381,38 +316,16 @@ class SyntheticShapes:
 
   # ---- rendering -------------------------------------------------------------------------------------------
   def _textures(self) -> np.ndarray:
-    """N_TEXTURES unit textures [N, S, S] in [-1, 1], built once per source from its seed: smooth noise,
-    stripes, checkerboards and concentric waves of random scale, angle and phase."""
+    """N_TEXTURES unit textures [N, S, S] in [-1, 1], built once per source from its seed
+    (`synthetic_paint.texture_bank`)."""
     if getattr(self, "_tex", None) is None:
-      s = self.image_size
-      rng = np.random.default_rng((self.seed, 7919, s))
-      y, x = np.mgrid[0:s, 0:s].astype(np.float32) / s
-      bank = np.empty((N_TEXTURES, s, s), np.float32)
-      for t in range(N_TEXTURES):
-        kind, freq, angle, phase = t % 4, rng.uniform(2.0, 6.0), rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
-        if kind == 0:  # smooth noise: a coarse random grid, bilinearly upsampled
-          g = rng.uniform(-1, 1, (6, 6)).astype(np.float32)
-          gx, gy = x * 5, y * 5
-          i, j = gy.astype(np.int32), gx.astype(np.int32)
-          fy, fx = gy - i, gx - j
-          bank[t] = (g[i, j] * (1 - fy) * (1 - fx) + g[i + 1, j] * fy * (1 - fx) + g[i, j + 1] * (1 - fy) * fx
-                     + g[i + 1, j + 1] * fy * fx)
-        elif kind == 1:  # stripes
-          bank[t] = np.sin((2 * np.pi * freq) * (x * np.cos(angle) + y * np.sin(angle)) + phase)
-        elif kind == 2:  # checkerboard
-          p = max(2, int(s / (2 * freq)))
-          bank[t] = (((x * s).astype(np.int32) // p + (y * s).astype(np.int32) // p) % 2) * 2 - 1
-        else:  # concentric waves
-          bank[t] = np.sin((4 * np.pi * freq) * np.hypot(x - 0.5, y - 0.5) + phase)
-      self._tex = bank
+      self._tex = paint.texture_bank(self.seed, self.image_size)
     return self._tex
 
   def _subpixels(self) -> np.ndarray:
     """x (or y) coordinates of the supersampling points, [S * supersample], pixel i covering [i, i + 1)."""
     if getattr(self, "_sub", None) is None:
-      ss = self.supersample
-      self._sub = ((np.arange(self.image_size, dtype=np.float32)[:, None]
-                    + (np.arange(ss, dtype=np.float32) + 0.5) / ss).reshape(-1))
+      self._sub = paint.subpixels(self.image_size, self.supersample)
     return self._sub
 
   def _background(self, scene: Scene) -> np.ndarray:
@@ -427,22 +340,11 @@ class SyntheticShapes:
     img = self._background(scene)
     inst = np.zeros((s, s), np.int32)
     coords = self._subpixels()
-    for k, (c, (cx, cy), d, rgb) in enumerate(zip(scene.classes, scene.centers, scene.diameters, scene.rgbs)):
-      r = d / 2
-      x0, x1 = max(0, int(cx - r)), min(s, int(np.ceil(cx + r)))
-      y0, y1 = max(0, int(cy - r)), min(s, int(np.ceil(cy + r)))
-      # supersampled pixel centres -> indices into the shape's padded raster (the pad is outside the shape)
-      scale = _MASK_RES / (2 * r)
-      iu = ((coords[x0 * ss:x1 * ss] - cx) * scale + _MASK_MID).astype(np.int32)
-      iv = ((coords[y0 * ss:y1 * ss] - cy) * scale + _MASK_MID).astype(np.int32)
+    for k, (c, centre, d, rgb) in enumerate(zip(scene.classes, scene.centers, scene.diameters, scene.rgbs)):
       raster = shape_mask(SHAPES[c // self.n_colours][0])
-      inside = raster[iv[:, None], iu[None, :]]
-      alpha = inside.reshape(y1 - y0, ss, x1 - x0, ss).sum(axis=(1, 3), dtype=np.float32)[..., None]
-      alpha *= np.float32(1.0 / (ss * ss))
-      col = np.asarray(rgb, np.float32) / 255.0
-      img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - alpha) + alpha * col
+      (y0, y1, x0, x1), alpha = paint.paint(img, raster, centre, d, rgb, coords, ss)
       if masks:
-        inst[y0:y1, x0:x1][alpha[..., 0] >= 0.5] = k + 1
+        inst[y0:y1, x0:x1][alpha >= 0.5] = k + 1
     image = (img * 255.0 + 0.5).astype(np.uint8)
     if not masks:
       return {"image": image, "caption": scene.caption, "label": np.int32(scene.label)}

@@ -282,3 +282,14 @@ def test_make_loss_fn_user_errors():
     make_loss_fn({"simclr": 1.0}, {"simclr": {"tau": 0.1}})
   with pytest.raises(UserError, match="non-zero weight"):
     make_loss_fn({"clip": 0.0})
+
+
+def test_collapsed_embeddings_score_zero_accuracy():
+  """All logits equal (collapsed embeddings): every anchor ties with its negatives, which counts as wrong."""
+  z = np.tile(_unit(np.ones((1, 3))), (4, 1))
+  out = _outputs(z, z, 5.0, -1.0, zview1=z, zview2=z)
+  batch = {"label": np.array([0, 1, 0, 2])}
+  for name in ("clip", "siglip", "unicl"):
+    _, m = CONTRASTIVE[name](out, batch)
+    assert float(m[f"{name}/i2t_accuracy"]) == 0.0 and float(m[f"{name}/t2i_accuracy"]) == 0.0, name
+  assert float(simclr_loss(out, {})[1]["simclr/accuracy"]) == 0.0

@@ -170,3 +170,25 @@ def test_filip_learns_beyond_chance():
   acc = float(np.mean(np.argmax(np.asarray(s_img), axis=1) == np.arange(64)))
   print(f"FILIP held-out i2t top-1 {acc:.3f} vs chance {1 / 64:.3f} ({time.time() - start:.0f} s)")
   assert acc > 4 / 64
+
+
+def test_collapsed_tokens_score_zero_accuracy():
+  """Every image token and every text token the same vector: all FILIP scores tie, and a tie counts as wrong, so
+  dense and ring (on 8 devices and on one) report 0 accuracy (not 100 %), ring == dense in value, gradients and
+  metrics."""
+  x, y, mask, scale = _inputs(3)
+  v = np.float32([0.6, 0.8] + [0.0] * (E - 2))
+  x, y = np.broadcast_to(v, x.shape).copy(), np.broadcast_to(v, y.shape).copy()
+  args = (x, y, mask, scale)
+  dense = _value_and_grad(impl="dense")(*args)
+  one_device = _value_and_grad(impl="ring", tile=4)(*args)
+  mesh = make_mesh({"data": 4, "fsdp": 2, "model": 1})
+  placed = [jax.device_put(a, batch_sharding(mesh, a.ndim)) for a in args[:3]] + [
+      jax.device_put(args[3], replicated(mesh))]
+  with jax.set_mesh(mesh):
+    on_mesh = _value_and_grad(impl="ring", tile=1, mesh_axes=BATCH_AXES)(*placed)
+  for got in (dense, one_device, on_mesh):
+    assert float(got[0][1]["filip/i2t_accuracy"]) == 0.0
+    assert float(got[0][1]["filip/t2i_accuracy"]) == 0.0
+  _assert_close(one_device, dense)
+  _assert_close(on_mesh, dense)

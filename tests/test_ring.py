@@ -3,6 +3,7 @@ the dense losses on every mesh and on one device; the registry selects the imple
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -12,8 +13,8 @@ import pytest
 from tests.loss_helpers import assert_value_and_grads_close
 from vlm_jax.errors import UserError
 from vlm_jax.objectives import make_loss_fn
-from vlm_jax.objectives.contrastive import clip_loss, siglip_loss, unicl_loss
-from vlm_jax.objectives.ring import ring_clip_loss, ring_siglip_loss, ring_unicl_loss
+from vlm_jax.objectives.contrastive import (dense_clip_loss, dense_siglip_loss, dense_unicl_loss, ring_clip_loss,
+                                            ring_siglip_loss, ring_unicl_loss)
 from vlm_jax.parallel.mesh import BATCH_AXES, batch_sharding, make_mesh, replicated
 
 B, D = 64, 16
@@ -22,8 +23,8 @@ MESHES = {
     "data4_fsdp2": {"data": 4, "fsdp": 2, "model": 1},
     "data2_fsdp2_model2": {"data": 2, "fsdp": 2, "model": 2},
 }
-PAIRS = {"clip": (clip_loss, ring_clip_loss), "siglip": (siglip_loss, ring_siglip_loss),
-         "unicl": (unicl_loss, ring_unicl_loss)}
+PAIRS = {"clip": (dense_clip_loss, ring_clip_loss), "siglip": (dense_siglip_loss, ring_siglip_loss),
+         "unicl": (dense_unicl_loss, ring_unicl_loss)}
 BATCH = {"label": np.random.default_rng(9).integers(0, 40, size=B).astype(np.int32)}  # repeated labels
 
 
@@ -118,3 +119,42 @@ def test_mesh_axes_need_an_ambient_mesh():
     ring_unicl_loss({"zimg": zi, "ztxt": zt, "logit_scale": t}, {})
   with pytest.raises(ValueError, match="set_mesh"):
     ring_clip_loss({"zimg": zi, "ztxt": zt, "logit_scale": t}, {}, mesh_axes=BATCH_AXES)
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_collapsed_embeddings_score_zero_accuracy(name):
+  """Every image and every text embedding the same vector: each paired logit ties with all others in its row and
+  column, and a tie counts as wrong, so dense, ring on 8 devices and ring on one device all report 0 (not 100 %),
+  with ring == dense in value, gradients and metrics."""
+  z = np.tile(np.float32([0.6, 0.8] + [0.0] * (D - 2)), (B, 1))
+  args = (z, z, np.float32(7.0), np.float32(-3.0))
+  dense = _value_and_grad(PAIRS[name][0])(*args)
+  one_device = _value_and_grad(PAIRS[name][1], tile=8)(*args)
+  mesh = make_mesh(MESHES["data4_fsdp2"])
+  placed = ([jax.device_put(a, batch_sharding(mesh, 2)) for a in args[:2]]
+            + [jax.device_put(a, replicated(mesh)) for a in args[2:]])
+  with jax.set_mesh(mesh):
+    on_mesh = _value_and_grad(PAIRS[name][1], mesh_axes=BATCH_AXES, tile=2)(*placed)
+  for got in (dense, one_device, on_mesh):
+    metrics = got[0][1]
+    assert float(metrics[f"{name}/i2t_accuracy"]) == 0.0
+    assert float(metrics[f"{name}/t2i_accuracy"]) == 0.0
+  _assert_close(one_device, dense)
+  _assert_close(on_mesh, dense)
+
+
+def test_ties_with_the_paired_item_count_as_wrong():
+  """Images e1, e2, e3 and texts e1, e1, e3 (t = 5): logits rows [5 5 0], [0 0 0], [0 0 5]. Image→text: rows 0
+  and 1 tie with another column, only row 2 is a hit (1/3); text→image: column 1's best image is image 0 (2/3).
+  UniCL with labels [4, 4, 1]: the tie of row 0 is within its class (hit), row 1's positives (0, 0) tie with
+  the other class's column (miss): 2/3; every column's best image has its label and beats the others: 1.
+  Dense and ring agree."""
+  eye3 = np.eye(3, dtype=np.float32)
+  out = {"zimg": eye3, "ztxt": eye3[[0, 0, 2]], "logit_scale": np.float32(5.0), "logit_bias": np.float32(0.0)}
+  batch = {"label": np.array([4, 4, 1], np.int32)}
+  expected = {"clip": (1 / 3, 2 / 3), "siglip": (1 / 3, 2 / 3), "unicl": (2 / 3, 1.0)}
+  for name, (dense, ring) in PAIRS.items():
+    for fn in (dense, functools.partial(ring, tile=1)):
+      _, m = fn(out, batch)
+      np.testing.assert_allclose([m[f"{name}/i2t_accuracy"], m[f"{name}/t2i_accuracy"]], expected[name],
+                                 rtol=1e-6, err_msg=name)

@@ -6,9 +6,10 @@
 `config.objective_hparams = {'simclr': {'temperature': 0.1}}`; `make_loss_fn` turns that into one
 `fn(outputs, batch) -> (loss, metrics)`, so a single training loop serves every objective family.
 
-'clip', 'siglip' and 'unicl' take `impl='dense'` (the B/n × B logits of `contrastive`, the default) or `impl='ring'`
-(memory linear in B, `ring`; its `tile` hyper-parameter is the rows per logits tile), e.g.
-`config.objective_hparams = {'clip': {'impl': 'ring', 'tile': 256}}`.
+'clip', 'siglip', 'unicl' and 'filip' take `impl='dense'` (the B/n × B logits, the default) or `impl='ring'`
+(memory linear in B; its `tile` hyper-parameter is the rows per logits tile), e.g.
+`config.objective_hparams = {'clip': {'impl': 'ring', 'tile': 256}}`. Each ring variant lives beside its dense
+twin (`contrastive`, `filip`); the switch between them is written once, `ring.dense_or_ring`.
 
 Generative and alignment objectives live in their own modules and are imported on first use (a registry value
 'module:function'): masked image modelling ('mae', 'mim_feature'), masked language / cross-modal modelling
@@ -24,46 +25,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 from vlm_jax.errors import UserError
 from vlm_jax.objectives.contrastive import clip_loss, siglip_loss, simclr_loss, unicl_loss
-from vlm_jax.objectives.ring import ring_clip_loss, ring_siglip_loss, ring_unicl_loss
-
-IMPLS = ("dense", "ring")
-
-
-def _check_impl(name: str, impl: str, tile) -> None:
-  if impl not in IMPLS:
-    raise UserError(f"objective {name!r} has no impl {impl!r}; choose from {list(IMPLS)}")
-  if impl == "dense" and tile is not None:
-    raise UserError(f"objective {name!r}: tile={tile} only applies to impl='ring'")
-
-
-def clip_objective(outputs, batch, *, mesh_axes=None, impl: str = "dense", tile: int | None = None):
-  """CLIP InfoNCE: `contrastive.clip_loss` (impl='dense') or `ring.ring_clip_loss` (impl='ring')."""
-  _check_impl("clip", impl, tile)
-  if impl == "ring":
-    return ring_clip_loss(outputs, batch, mesh_axes=mesh_axes, tile=tile)
-  return clip_loss(outputs, batch, mesh_axes=mesh_axes)
-
-
-def siglip_objective(outputs, batch, *, mesh_axes=None, impl: str = "dense", tile: int | None = None):
-  """SigLIP sigmoid loss: `contrastive.siglip_loss` (impl='dense') or `ring.ring_siglip_loss` (impl='ring')."""
-  _check_impl("siglip", impl, tile)
-  if impl == "ring":
-    return ring_siglip_loss(outputs, batch, mesh_axes=mesh_axes, tile=tile)
-  return siglip_loss(outputs, batch, mesh_axes=mesh_axes)
-
-
-def unicl_objective(outputs, batch, *, mesh_axes=None, impl: str = "dense", tile: int | None = None):
-  """UniCL: `contrastive.unicl_loss` (impl='dense') or `ring.ring_unicl_loss` (impl='ring')."""
-  _check_impl("unicl", impl, tile)
-  if impl == "ring":
-    return ring_unicl_loss(outputs, batch, mesh_axes=mesh_axes, tile=tile)
-  return unicl_loss(outputs, batch, mesh_axes=mesh_axes)
-
 
 OBJECTIVES: dict[str, Callable[..., Any]] = {
-    "clip": clip_objective,
-    "siglip": siglip_objective,
-    "unicl": unicl_objective,
+    "clip": clip_loss,
+    "siglip": siglip_loss,
+    "unicl": unicl_loss,
     "simclr": simclr_loss,
     "mae": "vlm_jax.objectives.masked_image:mae_loss",
     "mim_feature": "vlm_jax.objectives.masked_image:mim_feature_loss",

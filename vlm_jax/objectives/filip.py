@@ -13,12 +13,14 @@ tokens V_j (no padding, SOT or EOT, `outputs['txt_mask']`):
 over the global batch (B images, B texts, t = outputs['logit_scale']). The two directions use different
 similarity matrices, so unlike CLIP there is no single logits matrix.
 
-impl='dense' builds the B×B×N×L token similarities in one go (the reference). impl='ring' follows
+`filip_loss(…, impl='dense'|'ring', tile=None)` is `dense_filip_loss` or `ring_filip_loss` (the one switch,
+`ring.dense_or_ring`). Dense builds the B×B×N×L token similarities in one go (the reference). Ring follows
 `vlm_jax.objectives.ring`: each device keeps its B/n images, the text token embeddings (with their masks and the
 text→image log-sum-exp statistics) travel around the batch axes with `ppermute`, rows are walked in tiles, the
 log-sum-exps are accumulated online, and a `jax.custom_vjp` backward recomputes every tile (and its token maxima,
 through `jax.vjp` of the tile's scores) on a second trip around the ring, so no device holds more than
-tile × (B/n) × N × L similarities (Inf-CL, Wang et al. 2024). Both give the same value, gradients and metrics.
+tile × (B/n) × N × L similarities (Inf-CL, Wang et al. 2024). Both give the same value, gradients and metrics;
+the accuracies follow the tie rule of `contrastive.top1_hits` (the paired score strictly above every other).
 
 Deviation: FILIP trains in fp16 with the similarity in reduced precision; here the scores are fp32.
 """
@@ -31,12 +33,11 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.errors import UserError
-from vlm_jax.objectives.contrastive import constrain_rows
-from vlm_jax.objectives.ring import (_f32, _lse_merge, _over_tiles, _ring_axes, _Ring, _rows, _set_rows,
-                                     _sharded, _tile_rows)
+from vlm_jax.objectives.contrastive import constrain_rows, top1_accuracy, top1_hits
+from vlm_jax.objectives.ring import (Ring, dense_or_ring, f32, lse_merge, over_tiles, own_positive, recomputed,
+                                     ring_layout, rows, set_rows, sharded)
 
 Metrics = dict[str, jax.Array]
-IMPLS = ("dense", "ring")
 TILE_ELEMENTS = 1 << 22  # default ring tile: rows such that tile × (B/n) × N × L ≤ 4 Mi similarities
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -65,8 +66,8 @@ def _inputs(outputs):
   for key in ("zimg_tokens", "ztxt_tokens"):
     if key not in outputs:
       raise UserError("the 'filip' objective needs per-token embeddings: set model.token_embeddings=True")
-  x, y = _f32(outputs["zimg_tokens"]), _f32(outputs["ztxt_tokens"])
-  return x, y, _valid_mask(outputs.get("txt_mask"), y.shape[1], y.shape[0]), _f32(outputs["logit_scale"])
+  x, y = f32(outputs["zimg_tokens"]), f32(outputs["ztxt_tokens"])
+  return x, y, _valid_mask(outputs.get("txt_mask"), y.shape[1], y.shape[0]), f32(outputs["logit_scale"])
 
 
 def _metrics(value, i2t, t2i, scale) -> Metrics:
@@ -74,8 +75,15 @@ def _metrics(value, i2t, t2i, scale) -> Metrics:
           "filip/t2i_accuracy": jax.lax.stop_gradient(t2i), "filip/logit_scale": jax.lax.stop_gradient(scale)}
 
 
-def dense_filip_loss(outputs, mesh_axes=None) -> tuple[jax.Array, Metrics]:
-  """The B×B FILIP loss in one go (formula in the module docstring)."""
+def dense_filip_loss(outputs: Mapping[str, Any], batch: Mapping[str, Any], *,
+                     mesh_axes: str | Sequence[str] | None = None) -> tuple[jax.Array, Metrics]:
+  """FILIP token-wise late-interaction InfoNCE (Yao et al. 2021; formula in the module docstring), B×B in one go.
+
+  Needs outputs['zimg_tokens'] [B,N,E], ['ztxt_tokens'] [B,L,E] (L2-normalised; `model.token_embeddings=True`),
+  optional ['txt_mask'] [B,L] (valid text tokens) and ['logit_scale']; `batch` is unused. Metrics: filip/loss,
+  filip/i2t_accuracy, filip/t2i_accuracy (ties wrong: `contrastive.top1_hits`), filip/logit_scale.
+  """
+  del batch
   x, y, mask, scale = _inputs(outputs)
   b = x.shape[0]
   s_img, s_txt = token_scores(x, y, mask)
@@ -85,23 +93,19 @@ def dense_filip_loss(outputs, mesh_axes=None) -> tuple[jax.Array, Metrics]:
   loss_i2t = jnp.mean(jax.nn.logsumexp(logits_i2t, axis=1) - logits_i2t[diag, diag])
   loss_t2i = jnp.mean(jax.nn.logsumexp(logits_t2i, axis=0) - logits_t2i[diag, diag])
   value = 0.5 * (loss_i2t + loss_t2i)
-  i2t = jnp.mean((jnp.argmax(logits_i2t, axis=1) == diag).astype(jnp.float32))
-  t2i = jnp.mean((jnp.argmax(logits_t2i, axis=0) == diag).astype(jnp.float32))
+  positive = constrain_rows(diag[:, None] == diag[None, :], mesh_axes)
+  i2t = top1_accuracy(logits_i2t, positive, axis=1)
+  t2i = top1_accuracy(logits_t2i, positive, axis=0)
   return value, _metrics(value, i2t, t2i, scale)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Ring kernels (per device; `ring` and the tiling helpers are those of vlm_jax.objectives.ring)
 
-def _own_positive(r0, tile, n):
-  """[tile, n] indicator of the pairs (r0 + a, r0 + a) of the own chunk."""
-  return (r0 + jnp.arange(tile))[:, None] == jnp.arange(n)[None, :]
-
-
-def _forward_kernel(ring: _Ring, tile: int, x, y, mask, scale):
-  """Per device: Σ over its images of lse_j(t s^I_i·) − t s^I_ii, Σ over its texts of
-  lse_i(t s^T_·j) − t s^T_jj,
-  the retrieval hit counts, and the per-row / per-column log-sum-exps the backward needs."""
+def _forward_kernel(ring: Ring, tile: int, x, y, mask, scale):
+  """Per device: Σ over its images of lse_j(t s^I_i·) − t s^I_ii, Σ over its texts of lse_i(t s^T_·j) − t s^T_jj,
+  the retrieval hit counts (`top1_hits` of the paired score against the running best other score), and the
+  per-row / per-column log-sum-exps the backward needs."""
   n = x.shape[0]
   neg_inf = jnp.full((n,), -jnp.inf, jnp.float32)
   zeros = jnp.zeros((n,), jnp.float32)
@@ -110,29 +114,34 @@ def _forward_kernel(ring: _Ring, tile: int, x, y, mask, scale):
     y_c, mask_c = chunk
 
     def body(r0, c):
-      (m, s, diag), (cm, cs, cdiag) = c
-      s_img, s_txt = token_scores(_rows(x, r0, tile), y_c, mask_c)
+      (m, s, diag, neg), (cm, cs, cdiag, cneg) = c
+      s_img, s_txt = token_scores(rows(x, r0, tile), y_c, mask_c)
       li, lt = scale * s_img, scale * s_txt
-      m_t, s_t = _lse_merge(_rows(m, r0, tile), _rows(s, r0, tile), jnp.max(li, axis=1),
-                            lambda m_new: jnp.sum(jnp.exp(li - m_new[:, None]), axis=1))
-      m, s = _set_rows(m, r0, m_t), _set_rows(s, r0, s_t)
-      cm, cs = _lse_merge(cm, cs, jnp.max(lt, axis=0), lambda m_new: jnp.sum(jnp.exp(lt - m_new[None, :]), axis=0))
-      if own:
-        pos = _own_positive(r0, tile, n)
-        diag = _set_rows(diag, r0, jnp.sum(jnp.where(pos, li, 0.0), axis=1))
+      m_t, s_t = lse_merge(rows(m, r0, tile), rows(s, r0, tile), jnp.max(li, axis=1),
+                           lambda m_new: jnp.sum(jnp.exp(li - m_new[:, None]), axis=1))
+      m, s = set_rows(m, r0, m_t), set_rows(s, r0, s_t)
+      cm, cs = lse_merge(cm, cs, jnp.max(lt, axis=0), lambda m_new: jnp.sum(jnp.exp(lt - m_new[None, :]), axis=0))
+      neg_i, neg_t = li, lt
+      if own:  # static: only the own chunk holds the positives (its diagonal)
+        pos = own_positive(r0, tile, n)
+        diag = set_rows(diag, r0, jnp.sum(jnp.where(pos, li, 0.0), axis=1))
         cdiag = cdiag + jnp.sum(jnp.where(pos, lt, 0.0), axis=0)
-      return (m, s, diag), (cm, cs, cdiag)
-    return _over_tiles(n, tile, body, (local, acc))
+        neg_i, neg_t = jnp.where(pos, -jnp.inf, li), jnp.where(pos, -jnp.inf, lt)
+      neg = set_rows(neg, r0, jnp.maximum(rows(neg, r0, tile), jnp.max(neg_i, axis=1)))
+      cneg = jnp.maximum(cneg, jnp.max(neg_t, axis=0))
+      return (m, s, diag, neg), (cm, cs, cdiag, cneg)
+    return over_tiles(n, tile, body, (local, acc))
 
-  (m, s, diag), (cm, cs, cdiag) = ring.run(step, (neg_inf, zeros, zeros), (y, mask), (neg_inf, zeros, zeros))
+  init = (neg_inf, zeros, zeros, neg_inf)
+  (m, s, diag, neg), (cm, cs, cdiag, cneg) = ring.run(step, init, (y, mask), init)
   row_lse, col_lse = m + jnp.log(s), cm + jnp.log(cs)
   total = ring.psum(jnp.sum(row_lse - diag) + jnp.sum(col_lse - cdiag))
-  i2t = ring.psum(jnp.sum((diag >= m).astype(jnp.float32)))
-  t2i = ring.psum(jnp.sum((cdiag >= cm).astype(jnp.float32)))
+  i2t = ring.psum(jnp.sum(top1_hits(diag, neg)))
+  t2i = ring.psum(jnp.sum(top1_hits(cdiag, cneg)))
   return total, i2t, t2i, row_lse, col_lse
 
 
-def _backward_kernel(ring: _Ring, tile: int, x, y, mask, scale, row_lse, col_lse, g):
+def _backward_kernel(ring: Ring, tile: int, x, y, mask, scale, row_lse, col_lse, g):
   """Cotangents of L = (1/2B)[Σ_i (lse^row_i − t s^I_ii) + Σ_j (lse^col_j − t s^T_jj)]:
   ∂L/∂s^I_ij = t (P_ij − δ_ij)/(2B), ∂L/∂s^T_ij = t (Q_ij − δ_ij)/(2B) (P, Q the row / column softmaxes,
   recomputed per tile), pulled back to the tokens through `jax.vjp` of the tile's token maxima."""
@@ -144,75 +153,49 @@ def _backward_kernel(ring: _Ring, tile: int, x, y, mask, scale, row_lse, col_lse
 
     def body(r0, c):
       (dx, dscale), dy = c
-      x_t = _rows(x, r0, tile)
+      x_t = rows(x, r0, tile)
       (s_img, s_txt), pull = jax.vjp(lambda a, b: token_scores(a, b, mask_c), x_t, y_c)
-      gi = jnp.exp(scale * s_img - _rows(row_lse, r0, tile)[:, None])
+      gi = jnp.exp(scale * s_img - rows(row_lse, r0, tile)[:, None])
       gt = jnp.exp(scale * s_txt - col_lse_c[None, :])
       if own:
-        pos = _own_positive(r0, tile, n)
+        pos = own_positive(r0, tile, n)
         gi, gt = gi - pos, gt - pos
       dscale = dscale + jnp.sum(gi * s_img) + jnp.sum(gt * s_txt)
       dx_t, dy_c = pull((scale * gi, scale * gt))
-      return (_set_rows(dx, r0, _rows(dx, r0, tile) + dx_t), dscale), dy + dy_c
-    return _over_tiles(n, tile, body, (local, acc))
+      return (set_rows(dx, r0, rows(dx, r0, tile) + dx_t), dscale), dy + dy_c
+    return over_tiles(n, tile, body, (local, acc))
 
   (dx, dscale), dy = ring.run(step, (jnp.zeros_like(x), jnp.zeros((), jnp.float32)), (y, mask, col_lse),
                               jnp.zeros_like(y))
   return coef * dx, coef * dy, coef * ring.psum(dscale)
 
 
-def _default_tile(local: int, n_tok: int, l_tok: int) -> int:
-  cap = max(1, TILE_ELEMENTS // max(1, local * n_tok * l_tok))
-  return max(d for d in range(1, min(local, cap) + 1) if local % d == 0)
+def _default_tile(n_tok: int, l_tok: int):
+  def rule(local: int) -> int:
+    cap = max(1, TILE_ELEMENTS // max(1, local * n_tok * l_tok))
+    return max(d for d in range(1, min(local, cap) + 1) if local % d == 0)
+  return rule
 
 
-def ring_filip_loss(outputs, mesh_axes=None, tile: int | None = None) -> tuple[jax.Array, Metrics]:
-  """FILIP with memory linear in B (module docstring); same value, gradients and metrics as `dense_filip_loss`.
-  `tile`: image rows per similarity tile (a divisor of the per-device batch; default from `TILE_ELEMENTS`)."""
+def ring_filip_loss(outputs: Mapping[str, Any], batch: Mapping[str, Any], *,
+                    mesh_axes: str | Sequence[str] | None = None,
+                    tile: int | None = None) -> tuple[jax.Array, Metrics]:
+  """FILIP with memory linear in B (module docstring); same inputs, value, gradients and metrics as
+  `dense_filip_loss`. `tile`: image rows per similarity tile (a divisor of the per-device batch; default from
+  `TILE_ELEMENTS`)."""
+  del batch
   x, y, mask, scale = _inputs(outputs)
-  mesh, axes, size = _ring_axes(mesh_axes)
   b = x.shape[0]
-  if b % size:
-    raise UserError(f"global batch {b} is not divisible by the {size} data-parallel devices")
-  local = b // size
-  tile = _tile_rows(local, _default_tile(local, x.shape[1], y.shape[1]) if tile is None else tile)
-  fwd = _sharded(_forward_kernel, mesh, axes, size, tile, "bbbs", "sssbb")
-  bwd = _sharded(_backward_kernel, mesh, axes, size, tile, "bbbsbbs", "bbs")
+  mesh, axes, size, tile = ring_layout(b, mesh_axes, tile, _default_tile(x.shape[1], y.shape[1]))
+  fwd = sharded(_forward_kernel, mesh, axes, size, tile, "bbbs", "sssbb")
+  bwd = sharded(_backward_kernel, mesh, axes, size, tile, "bbbsbbs", "bbs")
 
-  def value(xx, yy, mm, t):
-    total, i2t, t2i, *_ = fwd(xx, yy, mm, t)
-    return total / (2 * b), i2t / b, t2i / b
+  def forward(xx, yy, mm, t):
+    total, i2t, t2i, *stats = fwd(xx, yy, mm, t)
+    return (total / (2 * b), i2t / b, t2i / b), stats
 
-  loss = jax.custom_vjp(value)
-
-  def loss_fwd(xx, yy, mm, t):
-    total, i2t, t2i, row_lse, col_lse = fwd(xx, yy, mm, t)
-    return (total / (2 * b), i2t / b, t2i / b), (xx, yy, mm, t, row_lse, col_lse)
-
-  def loss_bwd(res, cotangents):
-    dx, dy, dscale = bwd(*res, cotangents[0])
-    return dx, dy, None, dscale
-
-  loss.defvjp(loss_fwd, loss_bwd)
-  value, i2t, t2i = loss(x, y, mask, scale)
+  value, i2t, t2i = recomputed(forward, bwd, nondiff=(2,))(x, y, mask, scale)
   return value, _metrics(value, i2t, t2i, scale)
 
 
-def filip_loss(outputs: Mapping[str, Any], batch: Mapping[str, Any], *,
-               mesh_axes: str | Sequence[str] | None = None, impl: str = "dense",
-               tile: int | None = None) -> tuple[jax.Array, Metrics]:
-  """FILIP token-wise late-interaction InfoNCE (Yao et al. 2021; formula in the module docstring).
-
-  Needs outputs['zimg_tokens'] [B,N,E], ['ztxt_tokens'] [B,L,E] (L2-normalised; `model.token_embeddings=True`),
-  optional ['txt_mask'] [B,L] (valid text tokens) and ['logit_scale']. impl='dense' (B×B in one go) or 'ring'
-  (memory-linear, `tile` image rows per tile). Metrics: filip/loss, filip/i2t_accuracy, filip/t2i_accuracy,
-  filip/logit_scale.
-  """
-  del batch
-  if impl not in IMPLS:
-    raise UserError(f"objective 'filip' has no impl {impl!r}; choose from {list(IMPLS)}")
-  if impl == "dense":
-    if tile is not None:
-      raise UserError(f"objective 'filip': tile={tile} only applies to impl='ring'")
-    return dense_filip_loss(outputs, mesh_axes)
-  return ring_filip_loss(outputs, mesh_axes, tile)
+filip_loss = dense_or_ring("filip", dense_filip_loss, ring_filip_loss)

@@ -168,21 +168,84 @@ def test_worker_processes_resume_exactly(tmp_path):
   _assert_batches_equal(more, _take(it2, 5))
 
 
-def test_weighted_mixture_follows_weights(tmp_path):
-  a = fx.write_clean(str(tmp_path), 2, 10, prefix="a")
-  b = fx.write_clean(str(tmp_path), 2, 10, prefix="b", seed=1)
-  data = _data(f"{tmp_path}/a-*.tar:3,{tmp_path}/b-*.tar:1", shuffle_buffer=16)
-  it = pipeline.make_train_iterator(data, global_batch_size=8, seed=0, tokenizer=TOK)
-  images = np.concatenate([next(it)["image"] for _ in range(50)])
-  # crops are random, so the source of each sample is checked at the raw level (mixing happens before decoding)
-  ds = pipeline.grain.IterDataset.mix([shard_stream.ShardSamples(a, seed=0), shard_stream.ShardSamples(b, seed=1)],
-                                      [3, 1])
-  raw = iter(ds)
-  a_images = {s.image for p in a for s, _ in shards.read_shard(p)}
-  frac_a = np.mean([next(raw)["image"] in a_images for _ in range(400)])
-  print(f"fraction from the weight-3 source: {frac_a:.3f} (expected 0.75)")
-  assert abs(frac_a - 0.75) < 0.03
-  assert images.shape == (400, S, S, 3)
+def _labelled_shards(out_dir: str, prefix: str, n_shards: int, per_shard: int, first_label: int) -> str:
+  """`n_shards` shards of `per_shard` samples labelled first_label, first_label + 1, …; returns a brace pattern."""
+  w = shards.ShardWriter(out_dir, shard_size=per_shard, prefix=prefix)
+  for i in range(n_shards * per_shard):
+    w.write(f"{prefix}{i:06d}", fx.image_bytes(first_label + i), "png", f"{prefix} {i}", label=first_label + i)
+  w.close(stats_file=False)
+  return f"{out_dir}/{prefix}-{{00000..{n_shards - 1:05d}}}.tar"
+
+
+@pytest.mark.parametrize("w_a,w_b", [(3, 1), (0.5, 2.0)])
+def test_weighted_mixture_follows_weights(tmp_path, w_a, w_b):
+  """`data.shards='A:w_a,B:w_b'` through `make_train_iterator`: the share of source A among the samples of the
+  batches is w_a / (w_a + w_b), and resuming from a saved state continues the mixture exactly.
+
+  Tolerance: if each sample came from A independently with probability p, the observed share of N samples has
+  standard deviation sqrt(p(1 − p)/N) (≤ 0.015 here at N = 800); 4 of those make a false alarm ~6e-5 likely and
+  still reject ignored (0.5) or swapped weights. (grain's mix is in fact a deterministic interleave, so the error
+  is even smaller.)"""
+  d = str(tmp_path)
+  a = _labelled_shards(d, "a", 4, 10, 0)
+  b = _labelled_shards(d, "b", 4, 10, 1000)
+  data = _data(f"{a}:{w_a},{b}:{w_b}", shuffle_buffer=20, cycle_length=2)
+  it = pipeline.make_train_iterator(data, global_batch_size=10, seed=0, tokenizer=TOK)
+  labels = np.concatenate([next(it)["label"] for _ in range(80)])
+  assert set(labels.tolist()) == set(range(40)) | set(range(1000, 1040))  # every sample of both sources
+  n, p = len(labels), w_a / (w_a + w_b)
+  observed, tol = float(np.mean(labels < 1000)), 4 * np.sqrt(p * (1 - p) / len(labels))
+  print(f"weights {w_a}:{w_b}: share of source A expected {p:.4f}, observed {observed:.4f} over {n} samples "
+        f"(tolerance {tol:.4f})")
+  assert abs(observed - p) < tol
+  state = it.get_state()
+  more = _take(it, 6)
+  it2 = pipeline.make_train_iterator(data, global_batch_size=10, seed=0, tokenizer=TOK)
+  it2.set_state(state)
+  _assert_batches_equal(more, _take(it2, 6))
+
+
+def _shard_draws(data: dict, n_draws: int, per_shard: int) -> list[int]:
+  """The shard of each draw of a one-shard-at-a-time stream (cycle_length 1, no shuffle): batches of `per_shard`
+  rows are exactly one draw each, because every shard holds `per_shard` samples (label // per_shard = shard)."""
+  it = pipeline.make_train_iterator(data, global_batch_size=per_shard, seed=4, tokenizer=TOK)
+  draws = []
+  for _ in range(n_draws):
+    labels = next(it)["label"]
+    assert labels.tolist() == list(range(labels[0], labels[0] + per_shard)) and labels[0] % per_shard == 0
+    draws.append(int(labels[0]) // per_shard)
+  return draws
+
+
+def test_resample_draws_shards_with_replacement_and_resumes_exactly(tmp_path):
+  """`data.resample=True` draws each shard uniformly with replacement (a shard can repeat before every shard was
+  read), unlike the default epochs (each a permutation of the shards); its stream resumes exactly mid-shard."""
+  n_shards, per_shard, n_draws = 10, 3, 400
+  spec = _labelled_shards(str(tmp_path), "r", n_shards, per_shard, 0)
+  epochs = _shard_draws(_data(spec), 3 * n_shards, per_shard)
+  for e in range(3):
+    assert sorted(epochs[e * n_shards:(e + 1) * n_shards]) == list(range(n_shards))
+  draws = _shard_draws(_data(spec, resample=True), n_draws, per_shard)
+  first = draws[:n_shards]
+  assert len(set(first)) < n_shards, first  # a repeat among the first 10 draws (P = 1 − 10!/10^10 ≈ 0.9996)
+  assert sum(sorted(draws[i:i + n_shards]) != list(range(n_shards)) for i in range(0, n_draws, n_shards)) > 30
+  counts = np.bincount(draws, minlength=n_shards)
+  expected = n_draws / n_shards
+  chi2 = float(((counts - expected) ** 2 / expected).sum())
+  # uniform draws: chi-square with 9 degrees of freedom; 27.88 is its 0.999 quantile
+  print(f"resampled shard counts over {n_draws} draws: {counts.tolist()} (expected {expected:.0f} each), "
+        f"chi2 = {chi2:.2f} < 27.88")
+  assert chi2 < 27.88
+  data = _data(spec, resample=True, cycle_length=2, shuffle_buffer=4)
+  it = pipeline.make_train_iterator(data, global_batch_size=2, seed=7, tokenizer=TOK)
+  first = _take(it, 7)  # 14 samples: mid-shard
+  state = it.get_state()
+  more = _take(it, 20)
+  it2 = pipeline.make_train_iterator(data, global_batch_size=2, seed=7, tokenizer=TOK)
+  it2.set_state(state)
+  _assert_batches_equal(more, _take(it2, 20))
+  _assert_batches_equal(first + more, _take(pipeline.make_train_iterator(data, global_batch_size=2, seed=7,
+                                                                         tokenizer=TOK), 27))
 
 
 def test_pipeline_user_errors(tmp_path):

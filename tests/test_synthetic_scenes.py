@@ -99,11 +99,3 @@ def test_novel_objects_unlabelled_in_training_and_annotated_for_evaluation():
   assert arrays["is_novel"].any() and (arrays["valid"] & ~arrays["is_novel"]).any()
   assert arrays["boxes"].shape == (32, 4, 4) and arrays["instance_mask"].shape == (32, S, S)
 
-
-def test_rendering_is_fast_enough_for_tests():
-  import time
-  t = time.perf_counter()
-  synthetic_scenes.scene_arrays("train", 200, seed=9, image_size=64)
-  rate = 200 / (time.perf_counter() - t)
-  print(f"{rate:.0f} scenes/s at 64px")
-  assert rate > 100

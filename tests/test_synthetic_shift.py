@@ -97,13 +97,3 @@ def test_shift_variants_differ_from_the_base_distribution():
   u = _task("unseen_compositions", n=16)
   assert _stats(u.images)["background_std"] == pytest.approx(base["background_std"], abs=0.01)
 
-
-def test_rendering_is_fast_enough_for_tests():
-  import time
-  synthetic_shift.get_task("outline", "val", 64, image_size=S)  # builds the outline rasters once
-  t = time.perf_counter()
-  for name in synthetic_shift.TASKS:
-    synthetic_shift.get_task(name, "train", 100, 11, image_size=S)
-  rate = 700 / (time.perf_counter() - t)
-  print(f"{rate:.0f} images/s at {S}px")
-  assert rate > 200

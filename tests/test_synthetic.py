@@ -237,3 +237,19 @@ def test_uint8_images_agree_with_normalised_ones():
   np.testing.assert_array_equal(ret["image"], normalize(ret["image_uint8"], data["mean"], data["std"]))
   with pytest.raises(UserError, match="unknown labelled split"):
     synthetic_eval.labelled_set(data, "train", image_size=S)
+
+
+def test_existing_splits_render_bit_identically():
+  """Pixels, masks and captions of the original splits are pinned (cached shards and results depend on them);
+  the hashes were taken before 'val' was appended and rendering moved to synthetic_paint."""
+  import hashlib
+  pinned = {"train": "0adc06f5666eaf4c", "eval_seen": "0084505a0c3b4071", "eval_unseen": "e6266ba3ffba1dd9",
+            "eval_retrieval": "82a951aad9c79d90"}
+  for split, want in pinned.items():
+    h = hashlib.sha1()
+    for i in range(4):
+      e = _src(split)[i]
+      h.update(e["image"].tobytes())
+      h.update(e["instance_mask"].tobytes())
+      h.update(e["caption"].encode())
+    assert h.hexdigest()[:16] == want, split

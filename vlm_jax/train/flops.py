@@ -1,16 +1,25 @@
 """Model FLOPs, peak FLOP/s and model FLOPs utilisation (MFU) of a training step.
 
 Model FLOPs are the FLOPs of the model's mathematics, not of the hardware: rematerialisation does not count (PaLM,
-Chowdhery et al. 2022, App. B). Per training sample they are 3× the forward FLOPs (the backward pass costs twice
-the forward). Two independent counts:
+Chowdhery et al. 2022, App. B). A training step runs the forward once and the backward only where a gradient is
+needed: a trainable part costs its forward F plus a backward of about 2F (activation and weight gradients), 3F in
+all; a frozen part upstream of everything trainable (a locked LiT image tower, an MAE feature teacher) is never
+differentiated and costs F. With `frozen` (the config's regex over '/'-joined parameter paths, as
+`vlm_jax.train.optim.split_frozen` uses) both counts below follow that rule; without it every parameter trains.
 
-  XLA:       forward FLOPs from `cost_analysis()` of the lowered forward + loss (any framework, remat-free
-             since the forward pass never recomputes), ×3.
+  XLA:       `cost_analysis()` of the lowered `value_and_grad` of model + objectives with respect to the trainable
+             parameters only (frozen parameters and other variable collections are constants), so XLA counts the
+             forward once and exactly the backward that training needs (a frozen part downstream of trainable
+             ones gets its activation gradients, ≈ 2F, and no weight gradients). The model is costed unscanned
+             (XLA counts a loop body once, not per iteration) and without remat (recomputation is not model
+             FLOPs). Loops inside the objectives (the ring losses' tiles) are counted once per body; they are a
+             small part of a step.
   analytic:  per transformer tower of width w, depth d, MLP width m and sequence length T
                forward = 2·T·d·(4w² + 2wm)   (matmuls: 2 FLOPs per parameter per token)
                        + 4·T²·w·d          (attention scores QKᵀ and the weighted sum AV)
-             plus the ViT patch embedding 2·T·(p²·3)·w and the projections 2·w·E; ×3 for training
-             (Kaplan et al. 2020; Narayanan et al. 2021).
+             plus the ViT patch embedding 2·T·(p²·3)·w and the projections 2·w·E (Kaplan et al. 2020; Narayanan
+             et al. 2021); training = Σ_parts forward_part × (1 if the part is frozen else 3), a part (image
+             tower, text tower, each projection) being frozen when `frozen` matches all its parameters.
 
 MFU = model FLOPs per second / (devices × peak FLOP/s per device). The peak is the vendor's dense bf16 figure
 (`PEAK_TFLOPS`); on CPU it is measured by a large float32 matmul at start-up, divided by the number of local
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import statistics
 import time
 from typing import Any, Callable, Mapping
@@ -28,6 +38,9 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
+
+from vlm_jax.train import optim
 
 # dense bf16 peak TFLOP/s per chip / GPU (vendor data sheets); matched against `device.device_kind`
 PEAK_TFLOPS: dict[str, float] = {
@@ -54,36 +67,52 @@ def lowered_flops(lowered) -> float:
   return _cost_flops(lowered.cost_analysis())
 
 
-def unscanned(module: nn.Module) -> nn.Module:
-  """`module` with `scan=False` wherever it (or an encoder it holds) scans its layers: XLA's cost analysis counts
-  a loop body once, not once per iteration."""
+def costing_model(module: nn.Module) -> nn.Module:
+  """`module` with `scan=False` and no remat wherever it (or a module it holds) has those fields: XLA's cost
+  analysis counts a loop body once, not once per iteration, and recomputation is not model FLOPs."""
   kw = {}
   for f in dataclasses.fields(module):
     value = getattr(module, f.name, None)
     if f.name not in ("parent", "name") and isinstance(value, nn.Module):
-      inner = unscanned(value)
+      inner = costing_model(value)
       if inner is not value:
         kw[f.name] = inner
   if getattr(module, "scan", False) is True:
     kw["scan"] = False
+  remat = getattr(module, "remat", None)
+  if isinstance(remat, bool) and remat:
+    kw["remat"] = False
+  elif isinstance(remat, str) and remat != "none":
+    kw["remat"] = "none"
   return module.clone(**kw) if kw else module
 
 
-def xla_model_flops_per_step(model, loss_fn: Callable, batch: Mapping[str, Any]) -> float:
-  """3 × the XLA-counted FLOPs of one training forward pass (model + objectives) over the global `batch`.
+def xla_model_flops_per_step(model, loss_fn: Callable, batch: Mapping[str, Any], *,
+                             frozen: str | None = None) -> float:
+  """XLA-counted FLOPs of one training step (model + objectives, forward and the backward it needs) over the
+  global `batch`; `frozen`: the config's regex of frozen parameter paths (None or '': everything trains).
 
-  `batch` holds arrays or `jax.ShapeDtypeStruct`s; the model is costed unscanned with abstract parameters, so
-  nothing is compiled, allocated or run. Call inside the mesh context when the objectives need one.
+  `batch` holds arrays or `jax.ShapeDtypeStruct`s; the model is costed unscanned and without remat, with abstract
+  variables, so nothing is compiled, allocated or run. Variable collections other than 'params' (e.g. BatchNorm
+  statistics) are constants, updated in place as in training. Call inside the mesh context when the objectives
+  need one. A `frozen` regex that matches no parameter, or all of them, raises `UserError` (`split_frozen`).
   """
-  model = unscanned(model)
+  model = costing_model(model)
   rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1), "mask": jax.random.PRNGKey(2)}
-
-  def forward(variables, batch):
-    return loss_fn(model.apply(variables, batch, train=True, rngs=rngs), batch)[0]
-
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in dict(batch).items()}
-  variables = jax.eval_shape(lambda b: model.init(rngs, b, train=True), batch)
-  return 3.0 * lowered_flops(jax.jit(forward).lower(variables, batch))
+  variables = nn.meta.unbox(jax.eval_shape(lambda b: model.init(rngs, b, train=True), batch))
+  others = {k: v for k, v in variables.items() if k != "params"}
+  trainable, fixed = optim.split_frozen(variables["params"], frozen or None)
+
+  def loss(trainable, fixed, others, batch):
+    variables = {"params": optim.merge_params(trainable, fixed), **others}
+    if others:
+      outputs, _ = model.apply(variables, batch, train=True, rngs=rngs, mutable=list(others))
+    else:
+      outputs = model.apply(variables, batch, train=True, rngs=rngs)
+    return loss_fn(outputs, batch)[0]
+
+  return lowered_flops(jax.jit(jax.value_and_grad(loss)).lower(trainable, fixed, others, batch))
 
 
 def transformer_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> float:
@@ -91,8 +120,25 @@ def transformer_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int)
   return 2.0 * tokens * depth * (4 * width * width + 2 * width * mlp_dim) + 4.0 * tokens ** 2 * width * depth
 
 
-def analytic_train_flops_per_sample(model, image_shape, text_len: int) -> float | None:
-  """3 × forward FLOPs of a two-tower model with a ViT image tower and a transformer text tower; None otherwise.
+def _frozen_parts(model, image_shape, text_len: int, frozen: str | None, parts) -> set[str]:
+  """The top-level parameter groups of `parts` whose every parameter path matches `frozen`."""
+  if not frozen:
+    return set()
+  batch = {"image": jax.ShapeDtypeStruct((1, *image_shape), jnp.float32),
+           "text": jax.ShapeDtypeStruct((1, text_len), jnp.int32)}
+  params = jax.eval_shape(lambda b: model.init(jax.random.PRNGKey(0), b), batch)["params"]
+  flat = traverse_util.flatten_dict(nn.meta.unbox(params), sep="/")
+  rx = re.compile(frozen)
+  return {part for part in parts
+          if any(k.startswith(part + "/") for k in flat)
+          and all(rx.search(k) for k in flat if k.startswith(part + "/"))}
+
+
+def analytic_train_flops_per_sample(model, image_shape, text_len: int, *, frozen: str | None = None
+                                    ) -> float | None:
+  """Training FLOPs per sample of a two-tower model with a ViT image tower and a transformer text tower (None
+  for other models): Σ over the image tower, the text tower and the two projections of forward × 3, or × 1 for
+  a part whose parameters `frozen` (the config's regex) all match (module docstring).
 
   `model` is the built module (`vlm_jax.models.build_model`), `image_shape` (H, W, C) and `text_len` the inputs.
   """
@@ -103,11 +149,15 @@ def analytic_train_flops_per_sample(model, image_shape, text_len: int) -> float 
   patch = img.patch_size if isinstance(img.patch_size, int) else img.patch_size[0]
   tokens = gh * gw + (1 if img.pool_type == "cls" else 0)
   embed = getattr(model, "embed_dim", 0)
-  fwd = transformer_forward_flops(tokens, img.width, img.depth, img.mlp_dim)
-  fwd += 2.0 * gh * gw * patch * patch * image_shape[2] * img.width
-  fwd += transformer_forward_flops(text_len, txt.width, txt.depth, txt.mlp_dim)
-  fwd += 2.0 * (img.width + txt.width) * embed
-  return 3.0 * fwd
+  forward = {
+      "img": transformer_forward_flops(tokens, img.width, img.depth, img.mlp_dim)
+             + 2.0 * gh * gw * patch * patch * image_shape[2] * img.width,
+      "txt": transformer_forward_flops(text_len, txt.width, txt.depth, txt.mlp_dim),
+      "img_proj": 2.0 * img.width * embed,
+      "txt_proj": 2.0 * txt.width * embed,
+  }
+  frozen_parts = _frozen_parts(model, image_shape, text_len, frozen, forward)
+  return sum(f * (1.0 if part in frozen_parts else 3.0) for part, f in forward.items())
 
 
 @functools.lru_cache(maxsize=None)

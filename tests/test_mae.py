@@ -15,11 +15,12 @@ import pytest
 
 from vlm_jax.errors import UserError
 from vlm_jax.models import build_model
-from vlm_jax.models.mae import mask_from_keep, normalize_patches, patchify, unpatchify
+from vlm_jax.models.masking import masked_from_keep
+from vlm_jax.models.patches import normalize_patches, patchify, unpatchify
 from vlm_jax.objectives import make_loss_fn
 from vlm_jax.objectives.masked_image import mae_loss, mim_feature_loss
 from vlm_jax.parallel.mesh import batch_sharding, make_mesh, replicated
-from vlm_jax.train import checkpoint
+from vlm_jax.runs import init as run_init
 
 MICRO = {"framework": "mae", "mask_ratio": 0.75, "norm_pix_loss": True,
          "image": {"kind": "vit", "variant": "mu/4", "image_size": 16, "posemb": "sincos2d", "pool_type": "gap"},
@@ -111,7 +112,7 @@ def test_masking_ratio_visible_only_encoder_and_masked_only_loss():
   # encode_image (linear probe) pools the whole unmasked image
   z = model.apply(variables, images, method="encode_image")
   assert z.shape == (8, 32)
-  np.testing.assert_array_equal(np.asarray(mask_from_keep(jnp.asarray(keep), 16)), mask)
+  np.testing.assert_array_equal(np.asarray(masked_from_keep(jnp.asarray(keep), 16)), mask)
 
 
 def test_mask_ratio_is_checked():
@@ -157,18 +158,20 @@ def test_teacher_targets_and_path_mapping():
                                                         "max_len": 4}})
   clip_params = nn.meta.unbox(teacher_cls.init(jax.random.key(7), {"image": images,
                                                                    "text": np.ones((4, 4), np.int32)})["params"])
-  copied = checkpoint.copy_params(jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, clip_params),
-                                  r"^teacher/", rename={"^teacher/": "img/"})
+  copied = run_init.copy_variables({"params": jax.tree.map(np.asarray, params)},
+                                   {"params": jax.tree.map(np.asarray, clip_params)},
+                                   r"^teacher/", rename={"^teacher/": "img/"})["params"]
   jax.tree.map(np.testing.assert_array_equal, copied["teacher"], jax.tree.map(np.asarray, clip_params["img"]))
   jax.tree.map(np.testing.assert_array_equal, copied["encoder"], jax.tree.map(np.asarray, params["encoder"]))
   out = model.apply({"params": copied}, {"image": images}, rngs={"mask": jax.random.key(0)})
   tokens = teacher_cls.apply({"params": clip_params}, images, method=lambda m, x: m.img(x)["tokens"])
   np.testing.assert_allclose(out["mim"]["target"], tokens, rtol=1e-5, atol=1e-6)
   assert out["mim"]["pred"].shape == tokens.shape
-  assert checkpoint.source_path("teacher/Transformer/x", {"^teacher/": "img/"}) == "img/Transformer/x"
+  assert run_init.source_path("teacher/Transformer/x", {"^teacher/": "img/"}) == "img/Transformer/x"
   with pytest.raises(UserError, match="no parameter 'image/"):
-    checkpoint.copy_params(jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, clip_params),
-                           r"^teacher/", rename={"^teacher/": "image/"})
+    run_init.copy_variables({"params": jax.tree.map(np.asarray, params)},
+                            {"params": jax.tree.map(np.asarray, clip_params)}, r"^teacher/",
+                            rename={"^teacher/": "image/"})
 
 
 # ---- evaluator and learning ---------------------------------------------------------------------------------

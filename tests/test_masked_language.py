@@ -12,7 +12,8 @@ import pytest
 
 from vlm_jax.errors import UserError
 from vlm_jax.objectives import get_objective
-from vlm_jax.objectives.masked_language import bert_mask, maskable_positions, mcm_loss, mlm_loss
+from vlm_jax.models.masking import bert_mask, maskable_positions
+from vlm_jax.objectives.masked_language import mcm_loss, mlm_loss
 from vlm_jax.parallel.mesh import batch_sharding, make_mesh, replicated
 
 V, L = 50, 24          # vocabulary (EOT = 49), row length

@@ -12,7 +12,8 @@ import pytest
 
 from vlm_jax.errors import UserError
 from vlm_jax.objectives import get_objective
-from vlm_jax.objectives.matching import itm_loss, sample_hard_negatives
+from vlm_jax.models.hard_negatives import sample_hard_negatives
+from vlm_jax.objectives.matching import itm_loss
 from vlm_jax.parallel.mesh import batch_sharding, make_mesh, replicated
 
 

@@ -15,7 +15,8 @@ from vlm_jax.errors import UserError
 from vlm_jax.models import build_model, variants
 from vlm_jax.models.text import TextTransformer
 from vlm_jax.models.transformer import REMAT_NAMES, Encoder, remat_policy, stack_block_params
-from vlm_jax.models.vit import ViT, random_keep_indices, resize_posemb
+from vlm_jax.models.masking import random_keep_indices
+from vlm_jax.models.vit import ViT, resize_posemb
 from vlm_jax.parallel.mesh import make_mesh
 from vlm_jax.parallel.partitioning import DEFAULT_RULES, logical_to_shardings
 

@@ -13,7 +13,7 @@ import pytest
 from vlm_jax.errors import UserError
 from vlm_jax.evaluate import itm_rerank
 from vlm_jax.models import build_model
-from vlm_jax.models.two_leg import normalised_patches, patchify
+from vlm_jax.models.patches import patchify, pixel_targets
 from vlm_jax.objectives import make_loss_fn
 from vlm_jax.parallel.mesh import batch_sharding, make_mesh, replicated
 
@@ -80,9 +80,11 @@ def test_patch_targets():
   x = np.arange(2 * 8 * 8 * 3, dtype=np.float32).reshape(2, 8, 8, 3)
   p = np.asarray(patchify(jnp.asarray(x), 4))
   np.testing.assert_array_equal(p[1, 1].reshape(4, 4, 3), x[1, 0:4, 4:8])  # row-major grid: patch 1 = top right
-  t = np.asarray(normalised_patches(jnp.asarray(x), 4))
+  t = np.asarray(pixel_targets(jnp.asarray(x), 4))  # MAE's norm_pix target: variance with ddof 1
   np.testing.assert_allclose(t.mean(-1), 0, atol=1e-4)
-  np.testing.assert_allclose(t.std(-1), 1, atol=1e-3)
+  np.testing.assert_allclose(t.std(-1, ddof=1), 1, atol=1e-3)
+  with pytest.raises(UserError, match="multiple of the patch size"):  # no silent crop
+    pixel_targets(jnp.zeros((1, 9, 8, 3)), 4)
 
 
 def test_sharded_matches_single_device_and_masks():

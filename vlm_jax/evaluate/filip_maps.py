@@ -87,8 +87,8 @@ def synthetic_evaluator(cfg, *, model, tokenizer, data_config, plot_dir: str | N
 
   from vlm_jax.data import pipeline, synthetic_shards  # noqa: PLC0415
   from vlm_jax.evaluate import options  # noqa: PLC0415
-  from vlm_jax.evaluate.embed import Embedder  # noqa: PLC0415
-  from vlm_jax.models.two_tower import text_token_mask  # noqa: PLC0415
+  from vlm_jax.embedding.batched import Embedder  # noqa: PLC0415
+  from vlm_jax.models.tokens import text_token_mask  # noqa: PLC0415
   from vlm_jax.objectives.filip import token_scores  # noqa: PLC0415
   o = options(cfg, {"num_images": 128, "plots": 4, "zeroshot": True, "batch_size": 128}, "filip_maps_synthetic")
   if not hasattr(model, "encode_image_tokens"):
@@ -136,7 +136,8 @@ def synthetic_evaluator(cfg, *, model, tokenizer, data_config, plot_dir: str | N
       arrays, prompt_ids = zs
       xi = enc_img(variables, arrays["image"])
       yt = enc_txt(variables, prompt_ids)
-      mask = np.asarray(text_token_mask(prompt_ids), np.float32)
+      layout = {k: getattr(tokenizer, k, None) for k in ("sot_id", "eot_id", "pad_id")}
+      mask = np.asarray(text_token_mask(prompt_ids, **layout), np.float32)
       s_img, s_txt = token_scores(xi, yt, mask)
       pred = np.argmax(np.asarray(s_img) + np.asarray(s_txt), axis=1)
       out["filip_maps/zeroshot_top1"] = float(np.mean(pred == arrays["class"]))

@@ -65,12 +65,12 @@ def reconstruction_png(images: np.ndarray, pred: np.ndarray, mask: np.ndarray, *
                        mean, std, path: str) -> None:
   """Rows of original | masked | reconstruction for normalised images [K, H, W, 3] and pixel predictions."""
   from vlm_jax.evaluate import plots  # noqa: PLC0415
-  from vlm_jax.models.mae import patchify, unpatchify  # noqa: PLC0415
+  from vlm_jax.models.patches import NORM_PIX_EPS, patchify, unpatchify  # noqa: PLC0415
   k, h, w, c = images.shape
   grid = (h // patch, w // patch)
   true = np.asarray(patchify(jnp.asarray(images), patch))
   if norm_pix:
-    mu, sd = true.mean(-1, keepdims=True), np.sqrt(true.var(-1, keepdims=True, ddof=1) + 1e-6)
+    mu, sd = true.mean(-1, keepdims=True), np.sqrt(true.var(-1, keepdims=True, ddof=1) + NORM_PIX_EPS)
     pred = pred * sd + mu
   m = mask[..., None].astype(bool)
   masked = np.where(m, np.nan, true)
@@ -98,7 +98,7 @@ def synthetic_evaluator(cfg, *, model, tokenizer, data_config, plot_dir: str | N
   from vlm_jax.data import synthetic_eval  # noqa: PLC0415
   from vlm_jax.data.transforms import CLIP_MEAN, CLIP_STD  # noqa: PLC0415
   from vlm_jax.evaluate import options  # noqa: PLC0415
-  from vlm_jax.evaluate.embed import current_mesh  # noqa: PLC0415
+  from vlm_jax.embedding.batched import current_mesh  # noqa: PLC0415
   o = options(cfg, DEFAULTS, "reconstruction_synthetic")
   dc = data_config.to_dict() if hasattr(data_config, "to_dict") else dict(data_config)
   size = int(o["image_size"] or dc["image_size"])

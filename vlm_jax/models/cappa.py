@@ -6,7 +6,8 @@ Learners Too", arXiv 2306.07915) — the 'cappa' framework of `vlm_jax.models.FR
   in training, a random `parallel_fraction` of the examples (paper: 0.75) use parallel prediction: every decoder
   input is the [MASK] token and self-attention is full (non-causal), so all tokens are predicted at once from
   the image alone; the others are autoregressive with teacher forcing (inputs text[:, :-1], causal mask).
-  L_CapPa = Σ_{b,l} m_bl · −log p(text[b, l+1] | inputs_b, image_b) / Σ m   (targets text[:, 1:], m = target ≠ pad)
+  L_CapPa = Σ_{b,l} m_bl · −log p(text[b, l+1] | inputs_b, image_b) / Σ m   (targets text[:, 1:],
+  m_bl = 1 for the targets up to and including EOT)
 
 Deviation: the paper (big_vision) draws the parallel/autoregressive choice per example as a Bernoulli variable;
 here exactly round(fraction · B) examples of each global batch are chosen uniformly at random (rng stream 'mask'),
@@ -65,7 +66,7 @@ class CapPa(nn.Module):
     else:
       parallel = jnp.zeros((b,), bool)
     logits = self.decoder(inputs, img["tokens"], parallel=parallel, train=train)["logits"]
-    return {"img": img, "caption": {"logits": logits, "targets": targets, "mask": targets != 0,
+    return {"img": img, "caption": {"logits": logits, "targets": targets, "mask": self.decoder.target_mask(text),
                                     "parallel": parallel}}
 
 

@@ -10,7 +10,7 @@ arXiv 2205.01917) — the 'coca' framework of `vlm_jax.models.FRAMEWORKS`.
   L_CoCa = λ_con · L_con + λ_cap · L_cap   (paper: λ_cap = 2, λ_con = 1; set by config.objectives)
 
 outputs: zimg, ztxt, logit_scale (so the registered 'clip' objective applies unchanged), img (the ViT dict),
-caption = {'logits' [B, L−1, V], 'targets' = text[:, 1:], 'mask' = targets ≠ pad} for the 'captioning' objective.
+caption = {'logits' [B, L−1, V], 'targets' = text[:, 1:], 'mask' = targets up to EOT} for the 'captioning' objective.
 Generation (`vlm_jax.decoding`) uses `decode_memory(images)` and `decode_logits(ids, memory, decode=…)`.
 """
 
@@ -109,7 +109,7 @@ class CoCa(nn.Module):
     dec = self.decoder(inputs, self.caption_pool(img["tokens"]), train=train)
     return {"zimg": self._zimg(img["tokens"]), "ztxt": l2_normalize(self.txt_proj(dec["cls"])),
             "logit_scale": self.logit_scale(), "img": img,
-            "caption": {"logits": dec["logits"], "targets": targets, "mask": targets != 0}}
+            "caption": {"logits": dec["logits"], "targets": targets, "mask": self.decoder.target_mask(text)}}
 
 
 def build(cfg: dict) -> CoCa:

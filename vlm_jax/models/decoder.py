@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.errors import UserError
+from vlm_jax.models import tokens
 from vlm_jax.models.transformer import ACT, Attention, HeadsDense, Mlp, causal_mask, layer_norm
 
 Dtype = Any
@@ -121,8 +122,9 @@ class TextDecoder(nn.Module):
 
   `cls_token=True` (CoCa) appends a learned [CLS] embedding after the unimodal input; its output after
   `ln_cls` is returned as 'cls' (the text embedding before projection). Causally masked, it attends to every
-  non-padding token (pad id 0, as open_clip's CoCa) and no token attends to it, so the token outputs are those of
-  the sequence without it. `mask_token=True` (CapPa) adds a learned [MASK] input embedding: examples flagged in
+  token up to and including EOT (`models.tokens.valid_tokens` with the tokenizer's `eot_id`/`pad_id`; without
+  them every non-padding token, pad id 0, as open_clip's CoCa) and no token attends to it, so the token outputs
+  are those of the sequence without it. `mask_token=True` (CapPa) adds a learned [MASK] input embedding: examples flagged in
   `parallel` [B] get [MASK] at every input position and full (non-causal) self-attention (parallel prediction,
   Tschannen et al. 2023, §3). The vocabulary projection starts at zero (as big_vision's CapPa decoder).
   """
@@ -138,6 +140,9 @@ class TextDecoder(nn.Module):
   norm_eps: float = 1e-5
   cls_token: bool = False
   mask_token: bool = False
+  sot_id: int | None = None
+  eot_id: int | None = None
+  pad_id: int | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -193,7 +198,8 @@ class TextDecoder(nn.Module):
         raise UserError(f"text length {t} + [CLS] exceeds the decoder's max_len {self.max_len}")
       cls = self.cls.astype(self.dtype) + self.pos_embedding[t].astype(self.dtype)
       x = jnp.concatenate([x, jnp.broadcast_to(cls, (b, 1, d))], axis=1)
-      keys = jnp.concatenate([ids != 0, jnp.ones((b, 1), bool)], axis=1)  # [CLS] sees every non-pad token
+      valid = tokens.valid_tokens(ids, eot_id=self.eot_id, pad_id=self.pad_id)
+      keys = jnp.concatenate([valid, jnp.ones((b, 1), bool)], axis=1)  # [CLS] sees the text, not its padding
       mask = jnp.broadcast_to(causal_mask(t + 1), (b, 1, t + 1, t + 1))
       mask = mask.at[:, :, t, :].set(keys[:, None, :])
     if parallel is not None:
@@ -212,6 +218,11 @@ class TextDecoder(nn.Module):
     for block in self.multimodal_blocks:
       x = block(x, memory, mask, decode, train)
     return self.head(self.ln_final(x)).astype(jnp.float32)
+
+  def target_mask(self, text):
+    """bool [B, L − 1]: the next-token targets text[:, 1:] that carry the captioning loss — every token up to and
+    including EOT (`models.tokens.valid_tokens`; without a layout: targets ≠ pad 0)."""
+    return tokens.valid_tokens(text, eot_id=self.eot_id, pad_id=self.pad_id)[:, 1:]
 
   def __call__(self, ids, memory, *, parallel=None, decode: bool = False, train: bool = False):
     """{'logits': [B, T, V] float32, 'cls': [B, D] or None} for input ids [B, T] and image tokens [B, M, Dm]."""
@@ -233,7 +244,7 @@ def decoder_kwargs(cfg: dict, *, default_unimodal: int | None = None) -> dict:
   uni = cfg.pop("unimodal_depth", depth // 2 if default_unimodal is None else default_unimodal)
   out["unimodal_depth"] = int(uni)
   out["multimodal_depth"] = int(cfg.pop("multimodal_depth", depth - out["unimodal_depth"]))
-  allowed = ("vocab_size", "max_len", "act", "dropout", "norm_eps")
+  allowed = ("vocab_size", "max_len", "act", "dropout", "norm_eps", "sot_id", "eot_id", "pad_id")
   unknown = sorted(set(cfg) - set(allowed))
   if unknown:
     valid = allowed + ("kind", "variant", "width", "depth", "mlp_dim", "num_heads", "unimodal_depth",

@@ -9,6 +9,8 @@ patch), normalised per patch when `norm_pix_loss` (MAE §3, "normalized pixels")
 
     x̂_n = (x_n − mean(x_n)) / sqrt(var(x_n) + 1e-6)          (var with Bessel's correction, as MAE's code)
 
+(`models.patches`: `patchify` and `pixel_targets`, shared with the two-leg model's MIM/MCM heads).
+
 Feature targets (`teacher` given): the target of patch n is the frozen teacher's feature at n (its 'tokens' on
 the unmasked image, bilinearly resized to the student's patch grid when the grids differ), regressed with
 `objectives.masked_image.mim_feature_loss` — EVA (Fang et al. 2022, arXiv:2211.07636) and MVP (Wei et al. 2022)
@@ -30,42 +32,12 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.errors import UserError
+from vlm_jax.models.masking import masked_from_keep, random_keep_indices
+from vlm_jax.models.patches import pixel_targets
 from vlm_jax.models.transformer import Encoder
-from vlm_jax.models.vit import posemb_sincos_2d, random_keep_indices
+from vlm_jax.models.vit import posemb_sincos_2d
 
 Dtype = Any
-
-
-def patchify(images: jax.Array, p: int) -> jax.Array:
-  """[B, H, W, C] -> [B, (H/p)(W/p), p·p·C]: patches in raster order, pixels (row, column, channel) inside."""
-  b, h, w, c = images.shape
-  if h % p or w % p:
-    raise UserError(f"image size {h}x{w} is not a multiple of the patch size {p}")
-  x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(patches: jax.Array, grid: tuple[int, int], p: int, c: int = 3) -> jax.Array:
-  """Inverse of `patchify`: [B, gh·gw, p·p·C] -> [B, gh·p, gw·p, C]."""
-  b = patches.shape[0]
-  gh, gw = grid
-  x = patches.reshape(b, gh, gw, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, gh * p, gw * p, c)
-
-
-def normalize_patches(patches: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """MAE's norm_pix target (x − mean) / sqrt(var + eps) over each patch's values (var with ddof 1)."""
-  x = patches.astype(jnp.float32)
-  mean = x.mean(axis=-1, keepdims=True)
-  var = x.var(axis=-1, keepdims=True, ddof=1)
-  return (x - mean) / jnp.sqrt(var + eps)
-
-
-def mask_from_keep(keep_idx: jax.Array, num_patches: int) -> jax.Array:
-  """[B, K] kept indices -> float32 [B, N] mask, 1 at the masked (not kept) patches."""
-  b = keep_idx.shape[0]
-  rows = jnp.arange(b)[:, None]
-  return jnp.ones((b, num_patches), jnp.float32).at[rows, keep_idx].set(0.)
 
 
 def resize_tokens(tokens: jax.Array, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> jax.Array:
@@ -146,8 +118,7 @@ class MAE(nn.Module):
   def targets(self, images: jax.Array, grid: tuple[int, int]) -> jax.Array:
     """Per-patch targets [B, N, D_out]: (normalised) pixels, or the frozen teacher's features."""
     if self.teacher is None:
-      pix = patchify(images.astype(jnp.float32), self.encoder.patch_size)
-      return normalize_patches(pix) if self.norm_pix_loss else pix
+      return pixel_targets(images, self.encoder.patch_size, normalize=self.norm_pix_loss)
     tokens = self.teacher(images, train=False)["tokens"].astype(jnp.float32)
     tokens = resize_tokens(tokens, token_grid(tokens.shape[1], images.shape[1:3]), grid)
     return jax.lax.stop_gradient(tokens)
@@ -163,7 +134,7 @@ class MAE(nn.Module):
     keep_idx = random_keep_indices(self.make_rng("mask"), images.shape[0], n, self.mask_ratio)
     enc = self.encoder(images, keep_idx=keep_idx, train=train)
     pred = self.decode(enc, keep_idx, grid, train=train)
-    return {"mim": {"pred": pred, "target": self.targets(images, grid), "mask": mask_from_keep(keep_idx, n)},
+    return {"mim": {"pred": pred, "target": self.targets(images, grid), "mask": masked_from_keep(keep_idx, n)},
             "img": enc, "keep_idx": keep_idx}
 
 

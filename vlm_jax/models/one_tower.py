@@ -9,7 +9,8 @@ mode='shared' — one transformer with shared blocks (and final LayerNorm) over 
   modality-specific input embeddings (patch embedding + position table for images; token embedding + position
   table for text) and separate linear heads: the "1T-CLIP" baseline of Tschannen et al. 2023 and the
   modality-agnostic shared backbone of VATT (Akbari et al. 2021). Text attends bidirectionally over its
-  non-padding tokens (key mask ids ≠ 0) and is pooled at the EOT token (argmax of the ids, CLIP convention);
+  tokens up to and including EOT and is pooled at the EOT token (`models.tokens`: from the tokenizer's
+  `sot_id`/`eot_id`/`pad_id` in model.text; without them the old convention, keys ids ≠ 0 and EOT = argmax);
   images are pooled by the encoder's `pool_type` ('gap' or 'cls').
 
 Both return the two-tower outputs (zimg, ztxt L2-normalised; logit_scale = exp(min(log t, ln 100)); logit_bias
@@ -26,6 +27,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vlm_jax.errors import UserError
+from vlm_jax.models import tokens
 from vlm_jax.models.transformer import Encoder
 from vlm_jax.models.two_tower import MAX_LOG_LOGIT_SCALE, _projection, l2_normalize
 from vlm_jax.models.vit import posemb_sincos_2d, resize_posemb
@@ -49,6 +51,9 @@ class SharedTower(nn.Module):
   image_size: int = 224
   posemb: str = "learn"
   pool_type: str = "gap"
+  sot_id: int | None = None
+  eot_id: int | None = None
+  pad_id: int | None = None
   scan: bool = False
   remat: str = "none"
   dtype: Dtype = jnp.float32
@@ -100,9 +105,9 @@ class SharedTower(nn.Module):
     if length > self.max_len:
       raise UserError(f"text length {length} exceeds the model's max_len {self.max_len}")
     x = self.token_embedding(ids) + self.text_pos[:length].astype(self.dtype)[None]
-    keys = (ids != 0)[:, None, None, :]
+    keys = tokens.valid_tokens(ids, eot_id=self.eot_id, pad_id=self.pad_id)[:, None, None, :]
     x = self.encoder(x, keys, train=train)
-    pooled = x[jnp.arange(b), jnp.argmax(ids, axis=-1)]
+    pooled = x[jnp.arange(b), tokens.eot_positions(ids, self.eot_id)]
     return {"pooled": pooled, "tokens": x}
 
 
@@ -172,14 +177,15 @@ class OneTower(nn.Module):
     return out
 
 
+TEXT_LAYOUT = ("sot_id", "eot_id", "pad_id")
 SHARED_FIELDS = ("width", "depth", "mlp_dim", "num_heads", "patch_size", "image_size", "posemb", "pool_type")
 
 
 def build(cfg: dict) -> OneTower:
   """The 'one_tower' framework's builder. Keys: mode ('clippo' | 'shared'), image (a ViT dict: kind 'vit',
   variant, image_size, posemb, pool_type, …; in 'shared' mode only the fields in `SHARED_FIELDS` apply), text
-  (shared mode: {vocab_size, max_len}, filled from the tokenizer by the runner), embed_dim, logit_scale_init,
-  logit_bias_init, max_log_logit_scale, scan, remat, dtype, param_dtype."""
+  (shared mode: {vocab_size, max_len, sot_id, eot_id, pad_id}, filled from the tokenizer by the runner), embed_dim,
+  logit_scale_init, logit_bias_init, max_log_logit_scale, scan, remat, dtype, param_dtype."""
   from vlm_jax.models import _plain, build_encoder, common_defaults, variants  # noqa: PLC0415
 
   cfg = dict(cfg)
@@ -206,7 +212,9 @@ def build(cfg: dict) -> OneTower:
     if not {"vocab_size", "max_len"} <= set(text):
       raise UserError("one_tower mode 'shared' needs model.text.vocab_size and model.text.max_len (the runner "
                       "fills them from the tokenizer)")
-    tower = SharedTower(vocab_size=int(text["vocab_size"]), max_len=int(text["max_len"]), **fields, **defaults)
+    layout = {k: None if text.get(k) is None else int(text[k]) for k in TEXT_LAYOUT}
+    tower = SharedTower(vocab_size=int(text["vocab_size"]), max_len=int(text["max_len"]), **layout, **fields,
+                        **defaults)
   bias = cfg.get("logit_bias_init")
   max_log = cfg.get("max_log_logit_scale", MAX_LOG_LOGIT_SCALE)
   return OneTower(tower=tower, mode=mode, embed_dim=int(cfg.get("embed_dim", 512)),

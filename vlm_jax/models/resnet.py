@@ -15,6 +15,9 @@ Outputs: `{'pooled': [B, output_dim], 'tokens': [B, h*w, output_dim]}`. `tokens`
 et al. 2022, "Extract Free Dense Labels from CLIP"): every final feature-map position passed through the
 attention pool's value projection and then its output projection (`c_proj(v_proj(x))`), with no query-key
 attention and no positional embedding, so they live in the same space as `pooled`. Row-major (h, w) order.
+`stages=True` adds 'stages': the four stage outputs [C2, C3, C4, C5], NHWC feature maps at strides 4, 8, 16 and 32
+with 4·width·2^i channels (the multi-scale features of a feature pyramid, Lin et al. 2017, for dense heads and
+detectors).
 
 BatchNorm and collections: variables are `{'params', 'batch_stats'}`. `params` holds conv kernels, BN scale/bias
 and the attention pool; `batch_stats` holds every BN's running `mean`/`var` (PyTorch `running_mean`/`running_var`).
@@ -261,10 +264,12 @@ class ModifiedResNet(nn.Module):
     return cls(**spec)
 
   @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool = False, dense: bool = False) -> dict[str, jax.Array]:
-    """images [B, H, W, 3] (normalised, H and W multiples of 32) -> {'pooled', 'tokens'}.
+  def __call__(self, images: jax.Array, *, train: bool = False, dense: bool = False,
+               stages: bool = False) -> dict:
+    """images [B, H, W, 3] (normalised, H and W multiples of 32) -> {'pooled', 'tokens'} (+ 'stages').
 
     `dense` is accepted for interface parity with `ViT`: `tokens` are always MaskCLIP dense features.
+    `stages=True` adds 'stages': [C2, C3, C4, C5], the output of each stage's last block (module docstring).
     """
     del dense
     if len(self.layers) != 4:
@@ -279,11 +284,16 @@ class ModifiedResNet(nn.Module):
     x = _constrain(_avg_pool(x, 2))
 
     block_cls = nn.remat(Bottleneck) if self.remat else Bottleneck
+    maps = []
     for s, n_blocks in enumerate(self.layers):
       for j in range(n_blocks):
         stride = 2 if (s > 0 and j == 0) else 1
         x = block_cls(self.width * 2 ** s, stride, ura, name=f"layer{s + 1}_{j}", **kw)(x)
       x = _constrain(x)
+      maps.append(x)
 
     pooled, tokens = AttentionPool2d(self.image_size // 32, self.heads, self.output_dim, name="attnpool", **kw)(x)
-    return {"pooled": pooled, "tokens": _constrain(tokens)}
+    out = {"pooled": pooled, "tokens": _constrain(tokens)}
+    if stages:
+      out["stages"] = maps
+    return out

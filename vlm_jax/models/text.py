@@ -1,8 +1,10 @@
 """CLIP-style text transformer (Radford et al. 2021) returning {'pooled', 'tokens'}.
 
 Token embedding + learned positions -> pre-LN transformer (causal by default) -> final LayerNorm -> pooling.
-'eot' pooling takes the feature at the end-of-text token, found as the argmax of the ids (CLIP convention: EOT
-has the largest id); 'first' | 'last' | 'mean' serve the bidirectional variant (causal=False; SigLIP's text
+'eot' pooling takes the feature at the end-of-text token: the first position holding `eot_id` when the model knows
+its tokenizer's layout (fields `sot_id`, `eot_id`, `pad_id`, copied from the tokenizer; `models.tokens`), else the
+argmax of the ids (CLIP convention: EOT has the largest id; what converted open_clip checkpoints keep); 'first' |
+'last' | 'mean' serve the bidirectional variant (causal=False; SigLIP's text
 tower, Zhai et al. 2023, pools 'last'). The encoder also accepts token embeddings plus EOT positions instead of
 ids, so prompt learning (CoOp, Zhou et al. 2022) can feed learned context vectors, and deep prompts (MaPLe,
 Khattak et al. 2023) that replace tokens [prompt_start, prompt_start + P) before each of the first n layers.
@@ -13,19 +15,14 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from vlm_jax.errors import UserError
+from vlm_jax.models import tokens
 from vlm_jax.models.transformer import Encoder
 
 Dtype = Any
 POOL_TYPES = ("eot", "first", "last", "mean")
-
-
-def eot_positions_from_ids(ids: jax.Array) -> jax.Array:
-  """Index of the end-of-text token per row: argmax of the ids (the EOT id is the vocabulary's largest)."""
-  return jnp.argmax(ids, axis=-1).astype(jnp.int32)
 
 
 class TextTransformer(nn.Module):
@@ -33,6 +30,8 @@ class TextTransformer(nn.Module):
 
   SigLIP's text tower (Zhai et al. 2023) is `causal=False, pool_type='last', norm_eps=1e-6`: it reads the
   feature at the last position of the fixed-length row, whatever token (pad or EOS) sits there.
+  `sot_id`, `eot_id`, `pad_id`: the tokenizer's special ids (None: the tokenizer has none, or — all None — the old
+  convention EOT = largest id, pad 0; see `models.tokens`).
   """
   vocab_size: int = 49408
   max_len: int = 77
@@ -46,6 +45,9 @@ class TextTransformer(nn.Module):
   norm_eps: float = 1e-5
   dropout: float = 0.0
   prompt_start: int = 1
+  sot_id: int | None = None
+  eot_id: int | None = None
+  pad_id: int | None = None
   scan: bool = False
   remat: str = "none"
   dtype: Dtype = jnp.float32
@@ -54,6 +56,10 @@ class TextTransformer(nn.Module):
   def setup(self):
     if self.pool_type not in POOL_TYPES:
       raise UserError(f"unknown text pool_type {self.pool_type!r}; valid choices: {', '.join(POOL_TYPES)}")
+    for name in ("sot_id", "eot_id", "pad_id"):
+      value = getattr(self, name)
+      if value is not None and not 0 <= int(value) < self.vocab_size:
+        raise UserError(f"text {name}={value} is outside the vocabulary [0, {self.vocab_size})")
     self.token_embedding = nn.Embed(
         self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
@@ -79,7 +85,7 @@ class TextTransformer(nn.Module):
     if ids is not None:
       embeddings = self.embed(ids)
       if eot_positions is None:
-        eot_positions = eot_positions_from_ids(ids)
+        eot_positions = tokens.eot_positions(ids, self.eot_id)
     b, length, _ = embeddings.shape
     if length > self.max_len:
       raise UserError(f"text length {length} exceeds the model's max_len {self.max_len}")

@@ -156,7 +156,8 @@ class Block(nn.Module):
   true every token attends only to itself, so the attention output of token i is out(v_i) — the value path
   with no query-key attention — and the block computes x_i + out(v(LN(x_i))), then the usual residual MLP.
   `self_only` may be a Python bool or a traced scalar (a per-layer flag under `nn.scan`).
-  Returns (x, None) so the block can be the body of `nn.scan`.
+  Returns (x, None) so the block can be the body of `nn.scan`; (x, x) with `emit=True` (the scan then stacks
+  every block's output: `Encoder`'s intermediate features).
   """
   num_heads: int
   mlp_dim: int
@@ -165,6 +166,7 @@ class Block(nn.Module):
   prompt_start: int = 0
   deterministic: bool = True
   norm_eps: float = 1e-5
+  emit: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -191,7 +193,7 @@ class Block(nn.Module):
     y = Mlp(self.mlp_dim, self.act, self.dropout, self.deterministic, name="mlp", **kw)(y)
     y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
     x = nn.with_logical_constraint(x + y, ACT)
-    return x, None
+    return x, (x if self.emit else None)
 
 
 class Encoder(nn.Module):
@@ -205,6 +207,11 @@ class Encoder(nn.Module):
   already placed P tokens there. `dense=True` runs the last block in MaskCLIP mode (each token attends only to
   itself: see `Block`), for dense patch features (Zhou et al. 2022). `norm_eps` is the epsilon of every
   LayerNorm (1e-5 as CLIP; SigLIP checkpoints use 1e-6, Zhai et al. 2023).
+
+  `intermediates` (block indices, negative counting from the end) makes the call return (x, [h_i …]): h_i the
+  sequence after block i (before the final LayerNorm), in the order given. Unrolled, the chosen outputs are
+  kept as they are produced; scanned, the scan stacks every block's output ([depth, B, L, D]) and the chosen
+  ones are read from the stack.
   """
   depth: int
   num_heads: int
@@ -221,7 +228,9 @@ class Encoder(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask=None, prompts=None, *, train: bool = False, dense: bool = False):
+  def __call__(self, x, mask=None, prompts=None, *, train: bool = False, dense: bool = False,
+               intermediates=None):
+    layers = None if intermediates is None else block_indices(intermediates, self.depth)
     if self.causal:
       cm = causal_mask(x.shape[1])
       mask = cm if mask is None else jnp.logical_and(mask, cm)
@@ -243,6 +252,7 @@ class Encoder(nn.Module):
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, act=self.act, dropout=self.dropout,
               prompt_start=self.prompt_start, deterministic=not train, norm_eps=self.norm_eps, dtype=self.dtype,
               param_dtype=self.param_dtype)
+    feats = {}
     x = nn.with_logical_constraint(x, ACT)
     if self.scan:
       stack = nn.scan(
@@ -250,16 +260,33 @@ class Encoder(nn.Module):
           in_axes=(nn.broadcast, 0, 0, 0), length=self.depth,
           metadata_params={nn.PARTITION_NAME: "layers"})
       self_only = (jnp.arange(self.depth) == self.depth - 1) if dense else None
-      x, _ = stack(name="blocks", **kw)(x, mask, prompts, use, self_only)
+      x, stacked = stack(name="blocks", emit=layers is not None, **kw)(x, mask, prompts, use, self_only)
+      feats = {} if layers is None else {i: stacked[i] for i in set(layers)}
     else:
       for i in range(self.depth):
         p_i = None if prompts is None else prompts[i]
         u_i = None if use is None else use[i]
         s_i = True if dense and i == self.depth - 1 else None
         x, _ = block_cls(name=f"block_{i}", **kw)(x, mask, p_i, u_i, s_i)
+        if layers is not None and i in layers:
+          feats[i] = x
     if self.final_norm:
       x = layer_norm(self.dtype, self.param_dtype, name="ln_final", eps=self.norm_eps)(x)
-    return nn.with_logical_constraint(x, ACT)
+    x = nn.with_logical_constraint(x, ACT)
+    return x if layers is None else (x, [feats[i] for i in layers])
+
+
+def block_indices(layers, depth: int) -> tuple[int, ...]:
+  """Block indices (negative: from the end) -> non-negative ints in [0, depth); out of range: `UserError`."""
+  if isinstance(layers, int):
+    layers = (layers,)
+  out = []
+  for i in layers:
+    i = int(i)
+    if not -depth <= i < depth:
+      raise UserError(f"block index {i} is out of range for a {depth}-block encoder")
+    out.append(i % depth)
+  return tuple(out)
 
 
 def stack_block_params(params: dict, depth: int) -> dict:

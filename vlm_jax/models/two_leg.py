@@ -9,15 +9,17 @@ text's first position. The contrastive heads keep the two-tower outputs (zimg, z
 unchanged) from the unimodal [CLS]/pooled features. In training (whenever a 'mask' rng stream is given, also at
 init) the model adds, for the tasks listed in `tasks`:
 
-- 'itm': hard negatives mined from the global in-batch similarity (`objectives.matching.sample_hard_negatives`),
+- 'itm': hard negatives mined from the global in-batch similarity (`models.hard_negatives.sample_hard_negatives`),
   the fusion run on the B positives and 2B negatives, outputs['itm'] = {'logits' [3B, 2], 'labels' [3B]}.
-- 'mlm': BERT corruption of the text (`objectives.masked_language.bert_mask`; [MASK] = the text embedding's extra
+- 'mlm': BERT corruption of the text (`models.masking.bert_mask`, with the text tower's SOT/EOT/pad ids from the
+  tokenizer; [MASK] = the text embedding's extra
   row `vocab_size`, one beyond the tokenizer's vocabulary), the text encoder re-run on it and an MLM head on its
   tokens (FLAVA's unimodal MLM); `mlm_fused=True` reads the head from the fusion of the corrupted text with the
   intact image instead (ALBEF's MLM). outputs['mlm'] = {'logits' [B, L, V], 'targets', 'mask'}.
 - 'mim': the image encoder re-run on the visible patches only (MAE-style dropping, He et al. 2022, rather than
   FLAVA/BEiT's mask-token replacement, so no masked pixel leaks into the encoder), then a light MAE decoder (mask
-  tokens + positions, a small transformer) predicts the per-patch normalised pixels (MAE's norm_pix target).
+  tokens + positions, a small transformer) predicts the per-patch normalised pixels (MAE's norm_pix target,
+  `models.patches.pixel_targets`: the image sides must be multiples of the patch size).
   outputs['mim'] = {'pred', 'target' [B, N, p·p·3], 'mask' [B, N] (1 = masked)}; consumed by the 'mae' objective.
 - 'mcm': FLAVA's masked multimodal modelling — the fusion of the masked image (masked positions filled with a
   learned mask token) and the BERT-corrupted text (the same masks as 'mim' / 'mlm'); heads predict the masked
@@ -25,6 +27,7 @@ init) the model adds, for the tasks listed in `tasks`:
   outputs['mcm'] = {'image': {pred, target, mask}, 'text': {logits, targets, mask}} ('merged' fusion only).
 
 Deviation from FLAVA: only the encoders' patch/text tokens enter the merged fusion (not their [CLS] states).
+The fusion attends to the text tokens up to and including EOT (`models.tokens.valid_tokens`).
 """
 
 from __future__ import annotations
@@ -37,13 +40,12 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.errors import UserError
-from vlm_jax.models import IMAGE_KINDS, TEXT_KINDS, _plain, build_encoder, common_defaults, variants
-from vlm_jax.models.text import eot_positions_from_ids
+from vlm_jax.models import IMAGE_KINDS, TEXT_KINDS, _plain, build_encoder, common_defaults, tokens, variants
+from vlm_jax.models.hard_negatives import same_text_pairs, sample_hard_negatives
+from vlm_jax.models.masking import bert_mask, masked_from_keep, random_keep_indices
+from vlm_jax.models.patches import pixel_targets
 from vlm_jax.models.transformer import ACT, Attention, Encoder, Mlp, layer_norm
 from vlm_jax.models.two_tower import MAX_LOG_LOGIT_SCALE, l2_normalize
-from vlm_jax.models.vit import random_keep_indices
-from vlm_jax.objectives.masked_language import bert_mask
-from vlm_jax.objectives.matching import sample_hard_negatives
 
 Dtype = Any
 TASKS = ("itm", "mlm", "mim", "mcm")
@@ -56,39 +58,11 @@ def _dense(features: int, axes: tuple, name: str, dtype, param_dtype, init=None)
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[-1],)))
 
 
-def patchify(images: jax.Array, patch: int) -> jax.Array:
-  """[B, H, W, C] -> [B, (H/p)·(W/p), p·p·C], patches in row-major grid order (the ViT token order)."""
-  b, h, w, c = images.shape
-  gh, gw = h // patch, w // patch
-  x = images[:, :gh * patch, :gw * patch].reshape(b, gh, patch, gw, patch, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, patch * patch * c)
-
-
-def normalised_patches(images: jax.Array, patch: int, eps: float = 1e-6) -> jax.Array:
-  """MAE's norm_pix target (He et al. 2022, §4): each patch's pixels minus their mean, over their std (float32)."""
-  x = patchify(images.astype(jnp.float32), patch)
-  mean = x.mean(axis=-1, keepdims=True)
-  var = x.var(axis=-1, keepdims=True)
-  return (x - mean) / jnp.sqrt(var + eps)
-
-
 def scatter_tokens(visible: jax.Array, keep_idx: jax.Array, fill: jax.Array, num: int) -> jax.Array:
   """Places the K visible tokens [B, K, D] at `keep_idx` [B, K] of a [B, num, D] grid filled with `fill` [D]."""
   b, _, d = visible.shape
   grid = jnp.broadcast_to(fill.astype(visible.dtype), (b, num, d))
   return jax.vmap(lambda g, i, v: g.at[i].set(v))(grid, keep_idx, visible)
-
-
-def masked_from_keep(keep_idx: jax.Array, num: int) -> jax.Array:
-  """float32 [B, num]: 1 at the patches not in `keep_idx` (they carry the MIM/MCM loss), 0 at the kept ones."""
-  kept = jax.vmap(lambda i: jnp.zeros((num,), jnp.float32).at[i].set(1.0))(keep_idx)
-  return 1.0 - kept
-
-
-def text_hash(ids: jax.Array) -> jax.Array:
-  """uint32 [B] polynomial hash of each row of token ids (equal rows, equal hashes; collisions are rare)."""
-  weights = jnp.asarray([pow(1_000_003, i, 1 << 32) for i in range(ids.shape[-1])], jnp.uint32)
-  return jnp.sum(ids.astype(jnp.uint32) * weights[None], axis=-1, dtype=jnp.uint32)
 
 
 class CrossBlock(nn.Module):
@@ -258,6 +232,15 @@ class TwoLeg(nn.Module):
   def _text(self, ids, *, train: bool, eot_positions=None):
     return self.txt(ids, eot_positions=eot_positions, train=train)
 
+  def _layout(self) -> dict:
+    """The text tower's {'sot_id', 'eot_id', 'pad_id'} (the tokenizer's; all None: the old CLIP convention)."""
+    return tokens.layout_of(self.txt)
+
+  def _valid(self, ids):
+    """bool [B, L]: the text tokens the fusion attends to (up to and including EOT)."""
+    layout = self._layout()
+    return tokens.valid_tokens(ids, eot_id=layout["eot_id"], pad_id=layout["pad_id"])
+
   def encode_image(self, images, *, train: bool = False):
     """L2-normalised image embeddings zimg [B, embed_dim] (float32)."""
     return l2_normalize(self.img_proj(self.img(images, train=train)["pooled"]))
@@ -274,7 +257,7 @@ class TwoLeg(nn.Module):
   def itm_score(self, images, ids, *, train: bool = False):
     """ITM log-odds log p(match) − log p(no match) [B] of the pairs (images[b], ids[b]) (ALBEF/BLIP re-ranking)."""
     img = self.img(images, train=train)["tokens"]
-    cls, _, _ = self._fuse(img, self._text(ids, train=train)["tokens"], ids != 0, train=train)
+    cls, _, _ = self._fuse(img, self._text(ids, train=train)["tokens"], self._valid(ids), train=train)
     logits = self.itm_head(cls).astype(jnp.float32)
     return logits[:, 1] - logits[:, 0]
 
@@ -298,14 +281,16 @@ class TwoLeg(nn.Module):
     out = {"zimg": zimg, "ztxt": ztxt, "logit_scale": self.logit_scale(), "img": img, "txt": txt}
     if not self.has_rng("mask"):  # evaluation without a 'mask' stream: the contrastive outputs only
       return out
-    valid = ids != 0
+    valid = self._valid(ids)
     k_itm, k_mlm, k_mim = jax.random.split(self.make_rng("mask"), 3)
     if "itm" in self.tasks:
       out["itm"] = self._itm(k_itm, img["tokens"], txt["tokens"], ids, valid, zimg, ztxt, out["logit_scale"], train)
     if {"mlm", "mcm"} & set(self.tasks):
+      layout = self._layout()
       masked_ids, selected = bert_mask(k_mlm, ids, mask_id=self.vocab_size, vocab_size=self.vocab_size,
-                                       ratio=self.mlm_ratio, skip_first=self.mlm_skip_first)
-      txt_m = self._text(masked_ids, train=train, eot_positions=eot_positions_from_ids(ids))["tokens"]
+                                       ratio=self.mlm_ratio, skip_first=self.mlm_skip_first, **layout)
+      eot = tokens.eot_positions(ids, layout["eot_id"])  # of the intact row: [MASK] is the largest id
+      txt_m = self._text(masked_ids, train=train, eot_positions=eot)["tokens"]
       if "mlm" in self.tasks:
         feats = txt_m
         if self.mlm_fused:
@@ -315,7 +300,7 @@ class TwoLeg(nn.Module):
       num = self.img.num_patches(images.shape)
       keep_idx = random_keep_indices(k_mim, images.shape[0], num, self.mim_ratio)
       img_m = self.img(images, keep_idx=keep_idx, train=train)["tokens"]
-      target = normalised_patches(images, self.img.patch_size)
+      target = pixel_targets(images, self.img.patch_size)
       mask = masked_from_keep(keep_idx, num)
       if "mim" in self.tasks:
         out["mim"] = {"pred": self.mim_decoder(img_m, keep_idx, num, train=train), "target": target, "mask": mask}
@@ -330,8 +315,7 @@ class TwoLeg(nn.Module):
     """ALBEF ITM with hard negatives: the fusion on [positives; (image i, sampled text); (sampled image, text j)]."""
     b = ids.shape[0]
     sim = scale * jnp.matmul(zimg, ztxt.T, precision=jax.lax.Precision.HIGHEST)
-    h = text_hash(ids)  # equal texts are not negatives; a hash keeps this [B, B], not [B, B, L]
-    same_text = (h[:, None] == h[None, :]) | jnp.eye(b, dtype=bool)
+    same_text = same_text_pairs(ids)  # equal texts are not negatives
     neg_txt, neg_img = sample_hard_negatives(rng, sim, same_text, self.itm_hard_fraction)
     img_all = jnp.concatenate([img_tokens, img_tokens, img_tokens[neg_img]], axis=0)
     txt_all = jnp.concatenate([txt_tokens, txt_tokens[neg_txt], txt_tokens], axis=0)

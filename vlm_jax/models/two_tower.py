@@ -7,10 +7,26 @@ the contract consumed by `vlm_jax.objectives`:
   zimg, ztxt [B, E] L2-normalised float32; logit_scale = exp(min(log_logit_scale, ln 100)); logit_bias (SigLIP);
   img, txt: the encoder dicts {'pooled', 'tokens'}; zview1, zview2 (SLIP, when the batch has the views);
   with `token_embeddings` (FILIP, Yao et al. 2021): zimg_tokens [B, N, E], ztxt_tokens [B, L, E] (every token through
-  the same projection, L2-normalised) and txt_mask [B, L] (see `text_token_mask`); with `region_features` and a
+  the same projection, L2-normalised) and txt_mask [B, L] (`models.tokens.text_token_mask`: the words, from the
+  text tower's SOT/EOT/pad ids); with `region_features` and a
   batch carrying 'boxes' [B, K, 4] and 'phrases' [B, K, Lp] (GLIP-style region-word alignment, Li et al. 2022):
   zregion, zphrase [B, K, E] L2-normalised (see `TwoTower.encode_regions` / `encode_phrases`), region_logit_scale,
   region_logit_bias.
+
+Extension points (transfer and distillation build on these; the image tower's own options pass straight through):
+  encode_image(images, *, prompts=None, keep_mask=None, train=False) -> zimg [B, E]
+      prompts: VPT/MaPLe prompt tokens [n, (B,) P, D] (Jia et al. 2022; Khattak et al. 2023), keep_mask bool
+      [B, N] (patches to attend to); both need a ViT image tower.
+  encode_text(ids=None, *, embeddings=None, eot_positions=None, prompts=None, train=False) -> ztxt [B, E]
+      token ids, or token embeddings [B, L, D] plus EOT positions [B] (CoOp's learned context, Zhou et al. 2022;
+      `text_token_embeddings(ids)` and `eot_positions(ids)` give the tower's own), deep text prompts (MaPLe).
+  image_features(images, *, layers=None, prompts=None, keep_mask=None, train=False) -> dict
+      the image tower's multi-level features for dense heads and detectors: {'zimg', 'pooled', 'tokens', …} plus,
+      for a ViT, 'intermediates' (list of [B, N, D] patch tokens after the blocks `layers`, default every block;
+      negative indices count from the end) and 'grid' (h, w); for a ModifiedResNet, 'stages' (list of NHWC maps,
+      the stages `layers` of [C2, C3, C4, C5], default all four). Works with scanned ViTs.
+  encode_dense(images) -> [B, h, w, E]: MaskCLIP dense embeddings (below).
+The text layout (SOT/EOT/pad ids) is the text tower's (`models.tokens`), copied from the tokenizer.
 """
 
 from __future__ import annotations
@@ -23,9 +39,11 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.errors import UserError
+from vlm_jax.models import tokens as token_layout
+from vlm_jax.models.masking import random_keep_indices
 from vlm_jax.models.roi_align import roi_align, token_grid
+from vlm_jax.models.tokens import text_token_mask
 from vlm_jax.models.transformer import layer_norm
-from vlm_jax.models.vit import random_keep_indices
 
 Dtype = Any
 MAX_LOG_LOGIT_SCALE = math.log(100.)
@@ -41,17 +59,6 @@ def _projection(features: int, name: str, dtype: Dtype, param_dtype: Dtype, use_
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
                   kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", None)),
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
-
-
-def text_token_mask(ids: jax.Array) -> jax.Array:
-  """bool [B, L]: the word tokens of CLIP-layout rows `[SOT] words… [EOT] pad…` (FILIP, Yao et al. 2021, drops
-  padding, SOT and EOT from the token-wise similarity): id ≠ 0 (pad), position ≠ 0 (SOT) and not the row's argmax
-  (EOT, the largest id). A row with no word keeps its EOT, so every text has at least one token."""
-  ids = jnp.asarray(ids)
-  pos = jnp.arange(ids.shape[1])[None, :]
-  eot = jnp.argmax(ids, axis=1)[:, None]
-  mask = (ids != 0) & (pos != 0) & (pos != eot)
-  return mask | (~jnp.any(mask, axis=1, keepdims=True) & (pos == eot))
 
 
 class SimCLRHead(nn.Module):
@@ -149,20 +156,59 @@ class TwoTower(nn.Module):
       return self.img(images, keep_idx=keep_idx, train=train)
     return self.img(images, train=train)
 
-  def encode_image(self, images, *, train: bool = False):
-    """L2-normalised image embeddings zimg [B, embed_dim] (float32)."""
-    return self._embed_image(self.img(images, train=train))
+  def _image_options(self, prompts, keep_mask) -> dict:
+    """The ViT-only options that were given (a ResNet tower takes neither)."""
+    options = {k: v for k, v in (("prompts", prompts), ("keep_mask", keep_mask)) if v is not None}
+    if options and not hasattr(self.img, "num_patches"):
+      raise UserError(f"image {' and '.join(options)} need a ViT image tower (kind='vit'), not "
+                      f"{type(self.img).__name__}")
+    return options
 
-  def encode_text(self, ids, *, train: bool = False):
-    """L2-normalised text embeddings ztxt [B, embed_dim] (float32) for token ids [B, L]."""
-    return self._embed_text(self.txt(ids, train=train))
+  def encode_image(self, images, *, prompts=None, keep_mask=None, train: bool = False):
+    """L2-normalised image embeddings zimg [B, embed_dim] (float32); `prompts` (VPT/MaPLe) and `keep_mask`
+    pass through to the ViT (module docstring)."""
+    return self._embed_image(self.img(images, train=train, **self._image_options(prompts, keep_mask)))
+
+  def encode_text(self, ids=None, *, embeddings=None, eot_positions=None, prompts=None, train: bool = False):
+    """L2-normalised text embeddings ztxt [B, embed_dim] (float32) for token ids [B, L], or for token embeddings
+    [B, L, D] with `eot_positions` [B] (CoOp); `prompts` are MaPLe's deep text prompts [n, (B,) P, D]."""
+    return self._embed_text(self.txt(ids, embeddings=embeddings, eot_positions=eot_positions, prompts=prompts,
+                                     train=train))
+
+  def text_token_embeddings(self, ids):
+    """The text tower's token embeddings [B, L, D] of ids [B, L] (no positions): what `encode_text(embeddings=…)`
+    reads, so learned context vectors can replace some of them (CoOp, Zhou et al. 2022)."""
+    return self.txt.embed(ids)
+
+  def eot_positions(self, ids):
+    """int32 [B]: where the text tower pools each row of ids (its EOT, from the tokenizer's layout)."""
+    return token_layout.eot_positions(ids, getattr(self.txt, "eot_id", None))
+
+  def image_features(self, images, *, layers=None, prompts=None, keep_mask=None, train: bool = False) -> dict:
+    """Multi-level image features for dense heads and detectors (module docstring): the image tower's dict plus
+    'zimg' and, for a ViT, 'intermediates' (after blocks `layers`, default all) and 'grid'; for a ResNet,
+    'stages' (the stages `layers` of [C2, C3, C4, C5], default all four)."""
+    options = self._image_options(prompts, keep_mask)
+    if hasattr(self.img, "num_patches"):
+      depth = self.img.depth
+      enc = self.img(images, train=train, intermediates=tuple(range(depth)) if layers is None else tuple(layers),
+                     **options)
+      enc["grid"] = tuple(self.img.grid_size(images.shape[1:3]))
+    else:
+      enc = self.img(images, train=train, stages=True)
+      picked = range(4) if layers is None else layers
+      for i in picked:
+        if not -4 <= int(i) < 4:
+          raise UserError(f"ResNet stage index {i} is out of range: a ModifiedResNet has 4 stages (0..3)")
+      enc["stages"] = [enc["stages"][int(i)] for i in picked]
+    return {**enc, "zimg": self._embed_image(enc)}
 
   def encode_image_tokens(self, images, *, train: bool = False):
     """L2-normalised per-token image embeddings [B, N, embed_dim] (FILIP, Yao et al. 2021)."""
     return self._embed_image_tokens(self.img(images, train=train)["tokens"])
 
   def encode_text_tokens(self, ids, *, train: bool = False):
-    """L2-normalised per-token text embeddings [B, L, embed_dim] (FILIP); `text_token_mask(ids)` marks the words."""
+    """L2-normalised per-token text embeddings [B, L, embed_dim] (FILIP); `text_token_mask` marks the words."""
     return self._embed_text_tokens(self.txt(ids, train=train)["tokens"])
 
   def _region_embeddings(self, tokens, image_hw, boxes):
@@ -219,7 +265,7 @@ class TwoTower(nn.Module):
     if self.token_embeddings:
       out["zimg_tokens"] = self._embed_image_tokens(img["tokens"])
       out["ztxt_tokens"] = self._embed_text_tokens(txt["tokens"])
-      out["txt_mask"] = text_token_mask(batch["text"])
+      out["txt_mask"] = text_token_mask(batch["text"], **token_layout.layout_of(self.txt))
     if self.region_features and "boxes" in batch and "phrases" in batch:
       out["zregion"] = self._region_embeddings(img["tokens"], batch["image"].shape[1:3], batch["boxes"])
       out["zphrase"] = self.encode_phrases(batch["phrases"], train=train)

@@ -5,6 +5,9 @@ time, or fixed 2-D sin-cos) -> optional [CLS] token and prompt tokens -> pre-LN 
 LayerNorm -> pooling ('cls', 'gap', or 'map' attention pooling). Supports FLIP patch dropping (Li et al. 2023)
 through `keep_idx` (gather: only visible patches are encoded) or `keep_mask` (attention masking: same result
 for the kept tokens, full compute), and VPT/MaPLe prompt tokens (Jia et al. 2022; Khattak et al. 2023).
+`intermediates=(i, j, …)` also returns the patch tokens after the chosen blocks, for dense heads and detectors
+(ViTDet, Li et al. 2022; DPT, Ranftl et al. 2021); the patch indices for `keep_idx` come from
+`models.masking.random_keep_indices`.
 """
 
 from __future__ import annotations
@@ -58,18 +61,6 @@ def resize_posemb(table: jax.Array, old_grid: Sequence[int], new_grid: Sequence[
   grid = table.reshape(old_grid + (d,))
   grid = jax.image.resize(grid.astype(jnp.float32), new_grid + (d,), method="bilinear")
   return grid.reshape(1, new_grid[0] * new_grid[1], d).astype(table.dtype)
-
-
-def random_keep_indices(rng: jax.Array, batch_size: int, num_patches: int, mask_ratio: float) -> jax.Array:
-  """FLIP patch dropping (Li et al. 2023): per example, a random subset of round((1-r)N) patch indices.
-
-  A uniform random permutation per example (argsort of uniform noise, as MAE, He et al. 2022), truncated and
-  sorted back into raster order. Returns int32 [B, K].
-  """
-  keep = max(1, int(round((1. - mask_ratio) * num_patches)))
-  noise = jax.random.uniform(rng, (batch_size, num_patches))
-  idx = jnp.argsort(noise, axis=1)[:, :keep]
-  return jnp.sort(idx, axis=1).astype(jnp.int32)
 
 
 class ConvStem(nn.Module):
@@ -155,6 +146,11 @@ class ViT(nn.Module):
   with 'map' pooling the transformer is unchanged and the tokens go through the MAP head's value path (the
   attention-pool recipe MaskCLIP uses for CLIP's ResNet). In dense mode `pooled` is the pooling of the
   modified network ('map': the usual pooled output); use `dense=False` for the global embedding.
+
+  `intermediates` (block indices; negative count from the end, -1 = the last block) adds the output key
+  'intermediates': a list, in the order given, of [B, N, D] patch tokens right after each chosen block (the
+  residual stream before the final LayerNorm; no [CLS], no prompt tokens; with `keep_idx`, the kept patches).
+  Works unrolled and scanned (`scan=True` stacks every block's output and reads the chosen ones).
   """
   width: int = 768
   depth: int = 12
@@ -201,8 +197,9 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, keep_idx=None, keep_mask=None, prompts=None, train: bool = False,
-               dense: bool = False):
-    """images [B, H, W, C]; keep_idx int [B, K] or keep_mask bool [B, N]; prompts [n, (B,) P, D]."""
+               dense: bool = False, intermediates: Sequence[int] | None = None):
+    """images [B, H, W, C]; keep_idx int [B, K] or keep_mask bool [B, N]; prompts [n, (B,) P, D];
+    intermediates: block indices whose patch tokens to return (class docstring)."""
     self._check()
     if keep_idx is not None and keep_mask is not None:
       raise ValueError("give keep_idx or keep_mask, not both")
@@ -260,7 +257,9 @@ class ViT(nn.Module):
     x = Encoder(depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim, act=self.act,
                 norm_eps=self.norm_eps, dropout=self.dropout, prompt_start=start, scan=self.scan,
                 remat=self.remat, name="Transformer", **kw)(x, mask, prompts, train=train,
-                                          dense=dense and self.pool_type != "map")
+                                          dense=dense and self.pool_type != "map", intermediates=intermediates)
+    if intermediates is not None:
+      x, hidden = x
     tokens = x[:, n_front:]
 
     if self.pool_type == "cls":
@@ -276,4 +275,7 @@ class ViT(nn.Module):
       pooled = head(tokens, keep_mask)
       if dense:
         tokens = head(tokens, dense=True)
-    return {"pooled": pooled, "tokens": tokens}
+    out = {"pooled": pooled, "tokens": tokens}
+    if intermediates is not None:
+      out["intermediates"] = [h[:, n_front:] for h in hidden]
+    return out

@@ -1,9 +1,11 @@
-"""Masked language modelling (BERT) and FLAVA's masked cross-modal modelling: the corruption and the losses.
+"""Masked language modelling (BERT) and FLAVA's masked cross-modal modelling: the losses.
 
 BERT (Devlin et al. 2019, arXiv:1810.04805, §3.1 and appendix A.1): of the real tokens of a text (not padding,
 [SOT]/[CLS] or [EOT]/[SEP]) 15 % are selected — round(0.15 · n) per text, at least one, as BERT's
 `create_pretraining_data` — and of the selected tokens 80 % are replaced by [MASK], 10 % by a random token and 10 %
-left unchanged. The model predicts the original token at the selected positions only (the survey's L_MLM):
+left unchanged. The model corrupts its own input (`vlm_jax.models.masking.bert_mask`, with the tokenizer's
+SOT/EOT/pad ids) and emits the logits, the original ids and the selected positions; the loss predicts the original
+token at the selected positions only (the survey's L_MLM):
 
   L_MLM = −(1/|M|) Σ_{(b,l)∈M} log p(w_bl | w̃_b),     M the selected positions, w̃ the corrupted text.
 
@@ -23,45 +25,8 @@ no dVAE, so the image part regresses the per-patch normalised pixels of the mask
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-
 from vlm_jax.errors import UserError
 from vlm_jax.objectives.reconstruction import masked_cross_entropy, masked_mse
-
-
-def maskable_positions(ids: jax.Array, *, eot_id: int, pad_id: int = 0, skip_first: bool = True) -> jax.Array:
-  """bool [B, L]: the real tokens of each row — not `pad_id`, not `eot_id`, not position 0 when `skip_first`
-  (the [SOT] of the CLIP row layout, `vlm_jax.data.tokenizers`)."""
-  real = (ids != pad_id) & (ids != eot_id)
-  if skip_first:
-    real = real & (jnp.arange(ids.shape[-1]) > 0)[None]
-  return real
-
-
-def bert_mask(rng: jax.Array, ids: jax.Array, *, mask_id: int, vocab_size: int, ratio: float = 0.15,
-              pad_id: int = 0, skip_first: bool = True) -> tuple[jax.Array, jax.Array]:
-  """BERT corruption (Devlin et al. 2019): (corrupted ids [B, L], selected bool [B, L]).
-
-  Per row, k = max(1, round(ratio · n)) of the n real tokens (see `maskable_positions`; EOT is `vocab_size − 1`)
-  are selected uniformly without replacement (k = 0 for a row without real tokens); a selected token becomes
-  `mask_id` with probability 0.8, a uniformly random id in [1, vocab_size − 1) (no pad, no EOT) with 0.1, and stays
-  unchanged with 0.1. The loss belongs to every selected position, whatever its replacement.
-  """
-  if not 0.0 < ratio < 1.0:
-    raise UserError(f"mlm mask ratio must be in (0, 1), got {ratio}")
-  ids = ids.astype(jnp.int32)
-  k_sel, k_kind, k_tok = jax.random.split(rng, 3)
-  real = maskable_positions(ids, eot_id=vocab_size - 1, pad_id=pad_id, skip_first=skip_first)
-  n = jnp.sum(real, axis=1)
-  k = jnp.where(n > 0, jnp.maximum(1, jnp.floor(ratio * n + 0.5)), 0).astype(jnp.int32)
-  noise = jnp.where(real, jax.random.uniform(k_sel, ids.shape), 2.0)
-  rank = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
-  selected = real & (rank < k[:, None])
-  u = jax.random.uniform(k_kind, ids.shape)
-  random_ids = jax.random.randint(k_tok, ids.shape, 1, max(vocab_size - 1, 2), dtype=jnp.int32)
-  corrupted = jnp.where(selected & (u < 0.8), mask_id, jnp.where(selected & (u >= 0.8) & (u < 0.9), random_ids, ids))
-  return corrupted, selected
 
 
 def _check(outputs, key: str, objective: str, what: str):

@@ -12,47 +12,18 @@ the cross-entropy over the 3B pairs (the survey's L_IT):
 
   L_ITM = −(1/3B) Σ_{pairs} log p(y_pair | fused CLS),   y = 1 for the B positives, 0 for the 2B negatives.
 
-The model (`vlm_jax.models.two_leg`) mines with `sample_hard_negatives` inside the jitted step and emits
-outputs['itm'] = {'logits' [3B, 2] (or [3B] log-odds), 'labels' int [3B]}; batches are global arrays, so the
-mining covers the global batch whatever the sharding (GSPMD gathers what the sampling needs).
+The model mines the negatives itself (`vlm_jax.models.hard_negatives.sample_hard_negatives`, called by
+`vlm_jax.models.two_leg` inside the jitted step) and emits outputs['itm'] = {'logits' [3B, 2] (or [3B] log-odds),
+'labels' int [3B]}; this objective only consumes them. Batches are global arrays, so the mining covers the global
+batch whatever the sharding (GSPMD gathers what the sampling needs).
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import optax
 
 from vlm_jax.errors import UserError
-
-
-def sample_hard_negatives(rng: jax.Array, sim: jax.Array, exclude: jax.Array,
-                          hard_fraction: float = 1.0) -> tuple[jax.Array, jax.Array]:
-  """(negative text per image [B], negative image per text [B]) sampled ∝ softmax(sim) over allowed pairs.
-
-  `sim` [B, B]: image i × text j (already scaled by the temperature; no gradient flows through it);
-  `exclude` bool [B, B]: pairs that must not be drawn (at least the diagonal). A row with no allowed pair falls
-  back to its neighbour (i + 1) mod B. `hard_fraction` in [0, 1]: each row is mined by similarity with this
-  probability and otherwise drawn uniformly over its allowed pairs (1.0, the default, is ALBEF/BLIP's pure hard
-  mining; 0.0 gives random in-batch negatives).
-  """
-  if not 0.0 <= hard_fraction <= 1.0:
-    raise UserError(f"ITM hard_fraction must lie in [0, 1], got {hard_fraction}")
-  sim = jax.lax.stop_gradient(sim.astype(jnp.float32))
-  exclude = jnp.asarray(exclude, bool)
-  b = sim.shape[0]
-  fallback = (jnp.arange(b, dtype=jnp.int32) + 1) % b
-  k_txt, k_img = jax.random.split(rng)
-
-  def draw(key, logits, excl):
-    if hard_fraction < 1.0:
-      key, k_hard = jax.random.split(key)
-      hard = jax.random.bernoulli(k_hard, hard_fraction, (logits.shape[0], 1))
-      logits = jnp.where(hard, logits, 0.0)
-    idx = jax.random.categorical(key, jnp.where(excl, -jnp.inf, logits), axis=1).astype(jnp.int32)
-    return jnp.where(jnp.any(~excl, axis=1), idx, fallback)
-
-  return draw(k_txt, sim, exclude), draw(k_img, sim.T, exclude.T)
 
 
 def itm_loss(outputs, batch, *, mesh_axes=None):

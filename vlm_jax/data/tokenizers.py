@@ -1,10 +1,12 @@
 """Text tokenizers behind one factory: `get_tokenizer(name, **options)` (open_clip's `get_tokenizer` idea).
 
 A tokenizer is a callable `str | list[str] -> np.int32 [N, context_length]` with attributes `vocab_size`,
-`context_length` (= `max_len`), `pad_id` (0), `sot_id`, `eot_id` and a `decode(ids)`. Every tokenizer but
-'siglip' (below) follows the CLIP convention (Radford et al., 2021): rows are `[SOT] tokens… [EOT]` padded
-with 0, and EOT has the LARGEST id in the vocabulary, so a text encoder can pool at `argmax(ids)`; truncation
-drops tokens before EOT, never EOT itself. Option `context_length` sets the row length (`max_len` is accepted
+`context_length` (= `max_len`), `sot_id`, `eot_id`, `pad_id` (each an int, or None where the tokenizer has no
+such token; `token_layout(tokenizer)` gives the three) and a `decode(ids)`. The model assembly copies the three
+ids into the text encoder (`model.text.sot_id` …), which finds EOT, words and padding from them
+(`vlm_jax.models.tokens`). Every tokenizer but 'siglip' (below) follows the CLIP convention (Radford et al., 2021):
+rows are `[SOT] tokens… [EOT]` padded with 0, and EOT has the LARGEST id in the vocabulary (so the old
+`argmax(ids)` pooling of converted open_clip models agrees); truncation drops tokens before EOT, never EOT itself. Option `context_length` sets the row length (`max_len` is accepted
 as its old name).
 
 - 'words': lower-case, split on anything that is not a letter, one id per word of a fixed vocabulary (given,
@@ -172,6 +174,19 @@ class SentencePieceTokenizer(Tokenizer):
 
   def decode(self, ids: Sequence[int]) -> str:
     return self.processor.decode([i - 1 for i in self._body(ids)])
+
+
+LAYOUT_KEYS = ("sot_id", "eot_id", "pad_id")
+
+
+def token_layout(tokenizer) -> dict:
+  """{'sot_id', 'eot_id', 'pad_id'} of a tokenizer: ints, or None where it has no such token ('siglip' has no
+  SOT; 'render' has no ids at all)."""
+  out = {}
+  for key in LAYOUT_KEYS:
+    value = getattr(tokenizer, key, None)
+    out[key] = None if value is None else int(value)
+  return out
 
 
 def _clip_bpe():

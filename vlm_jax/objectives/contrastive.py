@@ -198,7 +198,7 @@ def dense_siglip_loss(outputs: Mapping[str, Any], batch: Mapping[str, Any], *,
   normalised by the batch size B as in the paper (not by B²). t = outputs['logit_scale'] and
   b = outputs['logit_bias'] (paper init t = 10, b = −10); a model without a bias uses b = 0. t is used as given:
   SigLIP runs leave it unclamped, t = exp(t'), as the paper's big_vision code does (configs/pretrain/siglip.py
-  sets `model.max_log_logit_scale = None`; released SigLIP checkpoints learn t ≈ 110–120 > 100, and the sigmoid
+  sets `model.max_log_logit_scale = None`; released SigLIP checkpoints carry t > 100 (about 110–120), and the sigmoid
   loss's bias b, not a cap on t, keeps the logits of the many negatives in range). Metrics: 'siglip/loss',
   'siglip/i2t_accuracy', 'siglip/t2i_accuracy' (ties wrong: `top1_hits`), 'siglip/logit_scale',
   'siglip/logit_bias'.

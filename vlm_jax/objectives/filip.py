@@ -103,8 +103,8 @@ def dense_filip_loss(outputs: Mapping[str, Any], batch: Mapping[str, Any], *,
 # Ring kernels (per device; `ring` and the tiling helpers are those of vlm_jax.objectives.ring)
 
 def _forward_kernel(ring: Ring, tile: int, x, y, mask, scale):
-  """Per device: Σ over its images of lse_j(t s^I_i·) − t s^I_ii, Σ over its texts of lse_i(t s^T_·j) − t s^T_jj,
-  the retrieval hit counts (`top1_hits` of the paired score against the running best other score), and the
+  """Per device: Σ over its images of lse_j(t s^I_i·) − t s^I_ii, Σ over its texts of
+  lse_i(t s^T_·j) − t s^T_jj, the retrieval hit counts (`top1_hits` of the paired score against the running best other score), and the
   per-row / per-column log-sum-exps the backward needs."""
   n = x.shape[0]
   neg_inf = jnp.full((n,), -jnp.inf, jnp.float32)

@@ -57,8 +57,9 @@ def dense_or_ring(name: str, dense: Callable[..., Any], ring: Callable[..., Any]
 
   objective.__name__ = objective.__qualname__ = f"{name}_loss"
   objective.__module__ = dense.__module__
-  objective.__doc__ = (f"{dense.__doc__}\n  impl='dense' (default): `{dense.__name__}` above; impl='ring': "
-                       f"`{ring.__name__}`, memory linear in B with `tile` image rows per logits tile.\n")
+  objective.__doc__ = (f"{dense.__doc__.rstrip()}\n\n  impl='dense' (default): `{dense.__name__}` above; "
+                       f"impl='ring': `{ring.__name__}`,\n  memory linear in B with `tile` image rows per logits "
+                       "tile (same value, gradients and metrics).\n")
   objective.dense, objective.ring = dense, ring
   return objective
 

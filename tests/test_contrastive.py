@@ -293,3 +293,15 @@ def test_collapsed_embeddings_score_zero_accuracy():
     _, m = CONTRASTIVE[name](out, batch)
     assert float(m[f"{name}/i2t_accuracy"]) == 0.0 and float(m[f"{name}/t2i_accuracy"]) == 0.0, name
   assert float(simclr_loss(out, {})[1]["simclr/accuracy"]) == 0.0
+
+
+def test_region_word_accuracy_uses_the_same_tie_rule():
+  from vlm_jax.objectives.region_word import region_word_loss
+  z = np.tile(_unit(np.ones((1, 3))), (2, 2, 1))  # every region and phrase the same vector
+  out = {"zregion": z, "zphrase": z, "region_logit_scale": jnp.float32(5.0), "region_logit_bias": jnp.float32(0.0)}
+  _, m = region_word_loss(out, {"region_valid": np.ones((2, 2), bool)})
+  assert float(m["region_word/accuracy"]) == 0.0
+  eye = np.eye(3, dtype=np.float32)[[0, 1, 2, 0]].reshape(2, 2, 3)  # regions 0 and 3 tie: one miss each
+  out = {**out, "zregion": eye, "zphrase": eye}
+  _, m = region_word_loss(out, {"region_valid": np.ones((2, 2), bool)})
+  np.testing.assert_allclose(m["region_word/accuracy"], 0.5)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.errors import UserError
-from vlm_jax.objectives.contrastive import constrain_rows
+from vlm_jax.objectives.contrastive import constrain_rows, top1_hits
 
 Metrics = dict[str, jax.Array]
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -54,7 +54,8 @@ def region_word_loss(outputs: Mapping[str, Any], batch: Mapping[str, Any], *,
   Needs outputs['zregion'], ['zphrase'] [B, K, E] (`model.region_features=True`, a batch with 'boxes' and
   'phrases': `data.regions=K`), ['region_logit_scale'], ['region_logit_bias'], and batch['region_valid'] [B, K];
   optional batch['region_class'] [B, K] (−1 unknown). Metrics: region_word/loss, region_word/accuracy (the share of
-  valid regions whose highest-scoring phrase is a positive), region_word/regions (valid regions in the batch).
+  valid regions whose best positive phrase scores strictly above every other valid phrase: ties are wrong, the
+  rule of `contrastive.top1_hits`), region_word/regions (valid regions in the batch).
   """
   if "zregion" not in outputs or "zphrase" not in outputs:
     raise UserError("the 'region_word' objective needs region features: set model.region_features=True and "
@@ -76,10 +77,11 @@ def region_word_loss(outputs: Mapping[str, Any], batch: Mapping[str, Any], *,
   fl = jnp.where(pair_valid, sigmoid_focal_loss(logits, positive, alpha, gamma), 0.0)
   n_pos = jnp.sum(positive.astype(jnp.float32))
   loss = jnp.sum(fl) / jnp.maximum(n_pos, 1.0)
-  best = jnp.argmax(jnp.where(pair_valid, logits, -jnp.inf), axis=1)
-  hit = jnp.take_along_axis(positive, best[:, None], axis=1)[:, 0] & valid
+  best_positive = jnp.max(jnp.where(positive, logits, -jnp.inf), axis=1)
+  best_negative = jnp.max(jnp.where(pair_valid & ~positive, logits, -jnp.inf), axis=1)
+  hit = top1_hits(best_positive, best_negative) * valid
   n_valid = jnp.sum(valid.astype(jnp.float32))
-  accuracy = jnp.sum(hit.astype(jnp.float32)) / jnp.maximum(n_valid, 1.0)
+  accuracy = jnp.sum(hit) / jnp.maximum(n_valid, 1.0)
   metrics = {"region_word/loss": loss,
              "region_word/accuracy": jax.lax.stop_gradient(accuracy),
              "region_word/regions": n_valid,

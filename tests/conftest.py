@@ -19,3 +19,21 @@ def pytest_configure(config):
   config.addinivalue_line(
       "markers", "interop: parity with torch / open_clip / transformers (needs the interop extra; "
       "each test importorskips what it needs)")
+
+
+# --- the cached pretrained models (tests/pretrained.py): trained once per code version, reused by every test ---
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pretrained_resnet() -> str:
+  """Run directory of the tiny ResNet CLIP (built on first use; see tests/pretrained.py)."""
+  from tests.pretrained import pretrained_run  # noqa: PLC0415
+  return pretrained_run("resnet")
+
+
+@pytest.fixture(scope="session")
+def pretrained_vit() -> str:
+  """Run directory of the tiny ViT CLIP (built on first use; see tests/pretrained.py)."""
+  from tests.pretrained import pretrained_run  # noqa: PLC0415
+  return pretrained_run("vit")

@@ -369,10 +369,10 @@ def _example_batch(config, tokenizer, batch: int) -> dict:
 
 
 def _step_parts(config):
-  from vlm_jax import runner  # noqa: PLC0415
+  from vlm_jax import assembly  # noqa: PLC0415
   from vlm_jax.parallel import mesh as mesh_lib, partitioning  # noqa: PLC0415
   from vlm_jax.train import optim, step as step_lib  # noqa: PLC0415
-  tokenizer, model, loss_fn = runner.build(config)
+  tokenizer, model, loss_fn = assembly.assemble(config)[:3]
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = partitioning.rules_from_config(None)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)

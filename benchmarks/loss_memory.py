@@ -12,8 +12,9 @@ per-device scratch XLA allocates besides arguments and outputs — is printed as
    "temp_mib": …, "compile_s": …}
 
 "softmax" is `clip` (InfoNCE), "sigmoid" is `siglip`; "dense" the B/n × B logits of
-`vlm_jax.objectives.contrastive`, "ring" `vlm_jax.objectives.ring` with --tile rows per tile. Dense batches
-above --dense-max-batch are skipped (printed with "skipped": true) when compiling them is too slow.
+`vlm_jax.objectives.contrastive`, "ring" its ring twin in the same module (machinery in `objectives/ring.py`)
+with --tile rows per tile. Dense batches above --dense-max-batch are skipped (printed with "skipped": true) when
+compiling them is too slow.
 """
 
 from __future__ import annotations

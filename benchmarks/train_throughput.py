@@ -55,12 +55,12 @@ def _vlm_jax_step(config, batch_size: int):
   import jax
   import numpy as np
 
-  from vlm_jax import runner
+  from vlm_jax import assembly
   from vlm_jax.data import pipeline
   from vlm_jax.parallel import mesh as mesh_lib, partitioning
   from vlm_jax.train import flops, loop, optim, state as state_lib, step as step_lib
 
-  tokenizer, model, loss_fn = runner.build(config)
+  tokenizer, model, loss_fn = assembly.assemble(config)[:3]
   config.model.text.vocab_size, config.model.text.max_len = tokenizer.vocab_size, tokenizer.max_len  # for open_clip
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = partitioning.rules_from_config(None)

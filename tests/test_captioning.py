@@ -17,7 +17,8 @@ from vlm_jax.objectives import make_loss_fn
 from vlm_jax.objectives.captioning import captioning_loss
 from vlm_jax.parallel import partitioning
 from vlm_jax.parallel.mesh import batch_sharding, make_mesh
-from vlm_jax.train import config_base, optim
+from vlm_jax import config_lib as config_base
+from vlm_jax.train import optim
 from vlm_jax.train.state import create_train_state
 
 V, L = 12, 8

@@ -15,7 +15,7 @@ from flax import traverse_util
 from tests import train_helpers as th
 from tests.test_inference import converted
 from vlm_jax import convert, interop
-from vlm_jax.train import config_base as cb
+from vlm_jax import config_lib as cb
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import scipy.optimize
 
 from vlm_jax.data import synthetic, synthetic_eval
 from vlm_jax.errors import UserError
-from vlm_jax.evaluate import linear_probe, prompts, retrieval, zeroshot
+from vlm_jax.embedding import classifier, prompts
+from vlm_jax.evaluate import linear_probe, retrieval, zeroshot
 
 DATA = {"name": "synthetic", "image_size": 16, "synthetic": {"eval_per_class": 2}}
 
@@ -140,17 +141,17 @@ def test_class_embeddings_are_the_clip_ensemble_with_cupl_descriptions():
   tt = _TableText()
   names, templates = ["apple", "pear"], ["a photo of a {}.", "art of the {}."]
   descriptions = [["An apple is red."], ["A pear is green.", "Pears are sweet.", "A pear."]]
-  emb = zeroshot.class_embeddings(tt.encode, tt.tokenize, names, templates, batch_size=3,
+  emb = classifier.class_embeddings(tt.encode, tt.tokenize, names, templates, batch_size=3,
                                   descriptions=descriptions)
   for c, name in enumerate(names):
     texts = [t.replace("{}", name) for t in templates] + descriptions[c]
     mean = np.mean([tt.vec(t) for t in texts], axis=0)
     np.testing.assert_allclose(emb[c], mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
-  only = zeroshot.class_embeddings(tt.encode, tt.tokenize, names, descriptions=descriptions)
+  only = classifier.class_embeddings(tt.encode, tt.tokenize, names, descriptions=descriptions)
   np.testing.assert_allclose(only[0], tt.vec("An apple is red."), rtol=1e-5, atol=1e-6)
-  texts = zeroshot.class_prompts(["orange circle"], ["a {}"], fix_articles=True)
+  texts = classifier.class_prompts(["orange circle"], ["a {}"], fix_articles=True)
   assert texts == [["an orange circle"]]
-  assert zeroshot.class_prompts(["orange"], ["a origami {}."]) == [["a origami orange."]]  # verbatim by default
+  assert classifier.class_prompts(["orange"], ["a origami {}."]) == [["a origami orange."]]  # verbatim by default
 
 
 # ---- retrieval ------------------------------------------------------------------------------------------------
@@ -337,10 +338,10 @@ def test_jsonl_retrieval_evaluator_with_a_model(tmp_path):
   from PIL import Image
 
   from tests import train_helpers as th
-  from vlm_jax import runner
+  from vlm_jax import assembly
   from vlm_jax.evaluate import make_evaluators
   config = th.micro_config()
-  tokenizer, model, _ = runner.build(config)
+  tokenizer, model, _ = assembly.assemble(config)[:3]
   rng = np.random.default_rng(4)
   lines = []
   for i in range(5):

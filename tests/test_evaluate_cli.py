@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests import train_helpers as th
-from vlm_jax.train import config_base as cb
+from vlm_jax import config_lib as cb
 
 EVAL = [sys.executable, "-m", "vlm_jax.evaluate", "--config=configs/eval/synthetic.py:micro"]
 KEYS = ["zeroshot/top1", "zeroshot/top5", "zeroshot/mean_per_class_recall", "zeroshot/seen_top1",

@@ -12,7 +12,8 @@ from PIL import Image
 from tests import shard_fixtures
 from vlm_jax.data import shards, sources, transforms
 from vlm_jax.errors import UserError
-from vlm_jax.evaluate import KINDS, linear_probe, make_evaluators, prompts
+from vlm_jax.embedding import prompts
+from vlm_jax.evaluate import KINDS, linear_probe, make_evaluators
 
 # words of the micro model's word tokenizer (unknown words would all map to one id and tie)
 CLASSES = ("red_circle", "blue_square", "green_star", "pink_heart", "yellow_moon", "orange_ring")
@@ -35,9 +36,9 @@ def micro():
   import jax
 
   from tests import train_helpers as th
-  from vlm_jax import runner
+  from vlm_jax import assembly
   config = th.micro_config()
-  tokenizer, model, _ = runner.build(config)
+  tokenizer, model, _ = assembly.assemble(config)[:3]
   size = int(config.data.image_size)
   variables = model.init(jax.random.PRNGKey(0), {"image": np.zeros((1, size, size, 3), np.float32),
                                                  "text": tokenizer(["a"])})

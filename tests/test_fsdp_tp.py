@@ -15,7 +15,8 @@ from flax import traverse_util
 from vlm_jax.models import build_model
 from vlm_jax.parallel import partitioning
 from vlm_jax.parallel.mesh import make_mesh
-from vlm_jax.train import config_base, optim
+from vlm_jax import config_lib as config_base
+from vlm_jax.train import optim
 from vlm_jax.train.state import create_train_state
 
 WIDTH, HEADS, MLP = 64, 4, 256

@@ -19,7 +19,8 @@ from vlm_jax.data import transforms
 from vlm_jax.errors import UserError
 from vlm_jax.models import build_model
 from vlm_jax.parallel import mesh as mesh_lib, partitioning
-from vlm_jax.train import checkpoint, config_base as cb
+from vlm_jax import assembly, runs
+from vlm_jax import config_lib as cb
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -32,7 +33,8 @@ def converted(model_cfg, *, image_size=16, seed=0):
       "model": model_cfg, "tokenizer": {"name": "words", "context_length": 24},
       "data": {"image_size": image_size, "mean": MEAN, "std": STD}, "source": {"format": "test", "arch": "micro"}})
   rng = np.random.default_rng(seed)
-  abstract = partitioning.unbox(interop.abstract_variables(build_model(config.model)))
+  model = build_model(config.model)
+  abstract = partitioning.unbox(assembly.abstract_variables(model, assembly.example_batch(config, model)))
 
   def draw(path, s):
     if path[-1].key == "var":  # BatchNorm running variances are positive
@@ -82,8 +84,8 @@ def test_save_load_round_trip_is_exact(micro, saved):
   assert loaded_config.source.arch == "micro" and "optimizer" in loaded_config  # a full run config
   # the readers pre-training checkpoints go through
   assert all(np.array_equal(flat[k], v) for k, v in traverse_util.flatten_dict(
-      checkpoint.load_variables(saved), sep="/").items())
-  ckpt = checkpoint.Checkpointer(os.path.join(saved, "checkpoints"), async_save=False)
+      runs.load_variables(saved), sep="/").items())
+  ckpt = runs.Checkpointer(os.path.join(saved, "checkpoints"), async_save=False)
   assert ckpt.latest_step() == 0 and ckpt.restore_config(0)["source"]["format"] == "test"
   ckpt.close()
   assert os.path.exists(os.path.join(saved, "config.json"))
@@ -106,6 +108,10 @@ def test_encoders_equal_model_apply(micro, saved):
   np.testing.assert_allclose(np.linalg.norm(z_txt, axis=1), 1.0, rtol=1e-5)
   assert m.logit_scale == pytest.approx(np.exp(variables["params"]["log_logit_scale"]), rel=1e-6)
   assert m.logit_bias is None
+  dense = m.encode_dense(x)  # MaskCLIP dense features, [B, h, w, D], in the joint space
+  np.testing.assert_array_equal(dense, jit_apply(model, variables, x, "encode_dense"))
+  assert dense.shape[0] == 8 and dense.shape[-1] == z_txt.shape[-1]
+  np.testing.assert_allclose(np.linalg.norm(dense, axis=-1), 1.0, rtol=1e-5)
   # sharded over the 8 simulated devices: the same numbers up to float rounding
   m8 = inference.load(saved, batch_size=8)
   np.testing.assert_allclose(m8.encode_image(x), m.encode_image(x), atol=1e-6)
@@ -196,12 +202,11 @@ def test_image_size_change_resizes_position_embeddings(model_fn, old, new):
 
 
 def test_lit_initialises_from_a_converted_checkpoint(micro, saved):
-  from vlm_jax import runner
   config = th.micro_config("configs/pretrain/lit.py")
   config.init.checkpoint = saved
   target = traverse_util.flatten_dict(micro[1]["params"], sep="/")
   zeros = traverse_util.unflatten_dict({k: np.zeros_like(v) for k, v in target.items()}, sep="/")
-  got = traverse_util.flatten_dict(runner.lit_init(config)(zeros), sep="/")
+  got = traverse_util.flatten_dict(runs.initializer(config.init)({"params": zeros})["params"], sep="/")
   for k, v in got.items():
     np.testing.assert_array_equal(v, target[k] if k.startswith("img/") else 0 * v)
 
@@ -219,7 +224,7 @@ def test_pretrained_workdir_loads_and_classifies(trained):
   from vlm_jax.data import pipeline
   m = inference.load(trained, batch_size=16)
   assert m.config.model.text.max_len == 24 and m.image_size == 16
-  variables = checkpoint.load_variables(trained)
+  variables = runs.load_variables(trained)
   x = pipeline.make_eval_arrays(m.config.data, "eval_seen", image_size=16)["image"][:5]
   np.testing.assert_allclose(m.encode_image(x), build_model(m.config.model).apply(variables, x,
                                                                                   method="encode_image"),

@@ -302,3 +302,25 @@ def test_report_max_differences():
   """Prints the per-architecture maxima measured above (run with -s to see them)."""
   for arch, d in MEASURED.items():
     print(f"max |open_clip - vlm_jax| {arch}: image {d['image']:.2e}, text {d['text']:.2e}")
+
+
+def test_converted_rn50_keeps_its_batchnorm_statistics_through_init(tmp_path):
+  """A converted open_clip RN50 used through `config.init` (LiT: image tower from the checkpoint) brings every
+  BatchNorm running mean / variance along, bit for bit (issue 12: only `params` used to be copied)."""
+  from vlm_jax import assembly, interop, runs
+  tmodel = perturbed(open_clip.create_model("RN50"))
+  config, variables = oc.from_open_clip(tmodel.state_dict(), "RN50", check=False)
+  saved = interop.save_converted(str(tmp_path / "rn50"), config, variables)
+  run_config = runs.read_config(saved)
+  model = assembly.model_of(run_config)
+  abstract = nn.meta.unbox(assembly.abstract_variables(model, assembly.example_batch(run_config, model)))
+  fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)  # what a new run would initialise
+  got = runs.initializer({"checkpoint": saved, "params": "^img/"})(fresh)
+  flat = flatten_dict(got["batch_stats"], sep="/")
+  assert len(flat) == 2 * sum(isinstance(m, torch.nn.BatchNorm2d) for m in tmodel.modules())
+  torch_sd = tmodel.state_dict()
+  np.testing.assert_array_equal(flat["img/layer3_5/bn2/mean"], torch_sd["visual.layer3.5.bn2.running_mean"].numpy())
+  np.testing.assert_array_equal(flat["img/bn1/var"], torch_sd["visual.bn1.running_var"].numpy())
+  want = flatten_dict(variables["batch_stats"], sep="/")
+  for k, v in flat.items():
+    np.testing.assert_array_equal(v, want[k])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests import train_helpers as th
-from vlm_jax import runner
+from vlm_jax import assembly
 from vlm_jax.models import build_model
 from vlm_jax.parallel import partitioning
 from vlm_jax.parallel.mesh import make_mesh
@@ -38,7 +38,7 @@ def test_large_variant_compiles_on_fsdp_mesh(name, arg):
 @pytest.mark.parametrize("name,arg", LARGE[:2], ids=["B/16", "L/14"])
 def test_xla_and_analytic_model_flops_agree(name, arg):
   config = th.load_config(f"configs/pretrain/{name}.py", arg)
-  model, loss_fn = build_model(config.model), runner.build_loss_fn(config)  # full configs fix vocab and length
+  model, loss_fn = build_model(config.model), assembly.build_loss_fn(config)  # full configs fix vocab and length
   mesh = make_mesh({"data": 8})
   batch = aot.abstract_batch(config, 8, mesh)
   with jax.set_mesh(mesh):

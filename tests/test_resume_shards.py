@@ -10,7 +10,7 @@ import time
 
 from tests import shard_fixtures as fx
 from tests import train_helpers as th
-from vlm_jax.train import checkpoint
+from vlm_jax import runs
 
 
 def _rows(workdir: str) -> list[dict]:
@@ -44,7 +44,7 @@ def test_sigkill_mid_shard_then_resume_gives_identical_metrics(tmp_path):
     time.sleep(0.01)
   proc.wait(timeout=60)
   assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-  killed_at = checkpoint.Checkpointer(ckpts).latest_step()
+  killed_at = runs.Checkpointer(ckpts).latest_step()
   assert killed_at is not None and 8 <= killed_at < 40, killed_at
 
   r = th.run_cli(th.pretrain_cmd(wd, overrides=overrides))

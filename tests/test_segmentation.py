@@ -237,17 +237,17 @@ def test_write_overlays_png(tmp_path):
 def _train_tiny_clip(steps: int, batch: int = 64, n_train: int = 4096, seed: int = 0, lr: float = 2e-3):
   """The demo's CLIP ModifiedResNet image tower + a one-layer text tower, trained with the CLIP loss on the
   9-class synthetic set `SYN`; pre-rendered images and a plain jitted loop (no shard rendering, no checkpoints)."""
-  from vlm_jax import objectives, runner
+  from vlm_jax import assembly, objectives
   from vlm_jax.data import pipeline
   from vlm_jax.data.transforms import normalize
-  from vlm_jax.train import config_base as cb
+  from vlm_jax import config_lib as cb
 
   c = th.micro_config()
   c.data.image_size = 32
   c.data.synthetic = dict(SYN)
   c.model = cb.tiny_model(32)
   c.model.text = {"kind": "text", "variant": "tiny", "width": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64}
-  tokenizer, model, _ = runner.build(c)
+  tokenizer, model, _ = assembly.assemble(c)[:3]
   loss_fn = objectives.make_loss_fn({"clip": 1.0}, None, mesh_axes=None)
   src = pipeline.make_source(c.data, "train", image_size=32)
   els = [src.render(src.scene(i), masks=False) for i in range(n_train)]

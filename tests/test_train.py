@@ -15,8 +15,8 @@ import pytest
 from flax import traverse_util
 
 from tests import train_helpers as th
-from vlm_jax import runner
-from vlm_jax.train import checkpoint, loop
+from vlm_jax import assembly, runner, runs
+from vlm_jax.train import loop
 
 
 def _flat(tree):
@@ -54,7 +54,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path):
     time.sleep(0.02)
   out, err = proc.communicate(timeout=240)
   assert proc.returncode == 0, err[-2000:]
-  stopped = checkpoint.Checkpointer(os.path.join(wd, "checkpoints")).latest_step()
+  stopped = runs.Checkpointer(os.path.join(wd, "checkpoints")).latest_step()
   assert stopped is not None and 20 <= stopped < 150, (stopped, out[-500:])
   assert "SIGTERM" in out
   r = th.run_cli(th.pretrain_cmd(wd, overrides=overrides))
@@ -66,12 +66,12 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path):
 def test_frozen_tower_is_bit_identical_and_has_no_optimizer_state(tmp_path):
   src = str(tmp_path / "src")
   runner.pretrain(th.micro_config(total_steps=3), src, quiet=True)
-  source_params = checkpoint.load_params(src)
+  source_params = runs.load_variables(src)["params"]
   lit = th.micro_config(total_steps=4, frozen="^img/")
   lit.init.checkpoint, lit.init.params = src, "^img/"
   wd = str(tmp_path / "lit")
   runner.pretrain(lit, wd, quiet=True)
-  after = checkpoint.load_params(wd)
+  after = runs.load_variables(wd)["params"]
   src_flat, after_flat = _flat(source_params), _flat(after)
   img_keys = [k for k in after_flat if k.startswith("img/")]
   assert img_keys
@@ -90,7 +90,7 @@ def test_frozen_tower_is_bit_identical_and_has_no_optimizer_state(tmp_path):
 
 def test_nonfinite_step_is_skipped_and_counted(tmp_path):
   config = th.micro_config(total_steps=4)
-  tokenizer, model, loss_fn = runner.build(config)
+  tokenizer, model, loss_fn = assembly.assemble(config)[:3]
   from vlm_jax.data import pipeline
 
   class Poisoned(grain.DatasetIterator):

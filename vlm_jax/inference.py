@@ -13,7 +13,7 @@ repeated) → shorter side resized to S, bicubic, antialiased, then the central 
 
 Encoding is batched: inputs are cut into batches of `batch_size` rows (the last one padded), a call with fewer
 rows uses the next power of two, so each image / text shape compiles a handful of times at most
-(`vlm_jax.evaluate.embed.Embedder`, shared with evaluation). Batches are split over the mesh's data axes; the
+(`vlm_jax.embedding.batched.Embedder`, shared with evaluation). Batches are split over the mesh's data axes; the
 parameters are placed on the mesh by the config's logical-axis rules (replicated on a data-only mesh; sharded
 over `fsdp` / `model` when those axes are larger than 1). Without a mesh, the ambient one (`jax.set_mesh`) or all
 devices on `data`. CPU, GPU and TPU alike.
@@ -77,39 +77,36 @@ class InferenceModel:
   def __init__(self, config, variables: dict, *, mesh=None, batch_size: int = 64):
     from flax import traverse_util  # noqa: PLC0415
 
-    from vlm_jax import interop  # noqa: PLC0415
-    from vlm_jax.evaluate import embed  # noqa: PLC0415
+    from vlm_jax import assembly, runs  # noqa: PLC0415
+    from vlm_jax.embedding import batched as embed  # noqa: PLC0415
     from vlm_jax.parallel import mesh as mesh_lib, partitioning  # noqa: PLC0415
     self.config = config
-    self.model = interop.build(config)
+    self.model = assembly.model_of(config)
     self._tokenizer = None
     self.mesh = mesh if mesh is not None else embed.current_mesh()
     dp = mesh_lib.data_parallel_size(self.mesh)
     if int(batch_size) < 1:
       raise UserError(f"batch_size must be >= 1, got {batch_size}")
     self.batch_size = -(-int(batch_size) // dp) * dp  # a multiple of the data-parallel size
-    abstract = interop.abstract_variables(self.model)
-    host = interop.check_variables(self.model, variables, what="checkpoint variables",
-                                   hint="a checkpoint written by another version?", abstract=abstract)
+    example = assembly.example_batch(config, self.model)
+    abstract = assembly.abstract_variables(self.model, example)
+    host = assembly.check_variables(self.model, variables, example, what="checkpoint variables",
+                                    hint="a checkpoint written by another version?")
     rules = partitioning.rules_from_config(config.get("partitioning", {}).get("rules"))
     shardings = partitioning.logical_to_shardings(abstract, self.mesh, rules)
     flat_shardings = traverse_util.flatten_dict(shardings, sep="/")
     flat = traverse_util.flatten_dict(host, sep="/")
     self.variables = traverse_util.unflatten_dict(
         {k: jax.device_put(v, flat_shardings[k]) for k, v in flat.items()}, sep="/")
-    data = config.data
-    size = data.image_size
+    size = config.data.image_size
     if np.ndim(size) and len(set(size)) != 1:
       raise UserError(f"preprocessing needs a square data.image_size, got {list(size)}")
-    self.image_size = int(np.ravel(size)[0])
-    from vlm_jax.data import transforms  # noqa: PLC0415
-    self.mean = tuple(float(v) for v in data.get("mean", transforms.CLIP_MEAN))
-    self.std = tuple(float(v) for v in data.get("std", transforms.CLIP_STD))
+    self.image_size, self.mean, self.std = runs.image_transform(config)
     params = {"params": host["params"]}
     self.logit_scale = float(self.model.apply(params, method="logit_scale"))  # the model's own clamp
     self.logit_bias = float(host["params"]["logit_bias"]) if "logit_bias" in host["params"] else None
     self._embedders = {m: embed.Embedder(self.model, m, self.batch_size, self.mesh)
-                       for m in ("encode_image", "encode_text")}
+                       for m in ("encode_image", "encode_text", "encode_dense")}
 
   # --- inputs --------------------------------------------------------------------------------------------
   def preprocess(self, images) -> np.ndarray:
@@ -125,8 +122,8 @@ class InferenceModel:
   def tokenizer(self):
     """The checkpoint's tokenizer, built on first use (a SentencePiece or BPE file is only needed for text)."""
     if self._tokenizer is None:
-      from vlm_jax import runner  # noqa: PLC0415
-      tok, txt = runner.build_tokenizer(self.config), self.model.txt
+      from vlm_jax import assembly  # noqa: PLC0415
+      tok, txt = assembly.build_tokenizer(self.config), self.model.txt
       if tok.vocab_size > txt.vocab_size or tok.max_len > txt.max_len:
         raise UserError(f"the text tower (vocab {txt.vocab_size}, length {txt.max_len}) is smaller than its "
                         f"tokenizer's (vocab {tok.vocab_size}, length {tok.max_len})")
@@ -157,6 +154,17 @@ class InferenceModel:
       raise UserError(f"encode_image takes [B, H, W, 3] arrays, got shape {x.shape}")
     return self._run("encode_image", x)
 
+  def encode_dense(self, x) -> np.ndarray:
+    """Preprocessed images float32 [B, S, S, 3] -> L2-normalised MaskCLIP dense features [B, h, w, D] in the
+    joint space (Zhou et al. 2022; `TwoTower.encode_dense`): per-location zero-shot scores are their dot
+    products with `class_embeddings`."""
+    x = np.asarray(x, np.float32)
+    if x.ndim != 4 or x.shape[-1] != 3:
+      raise UserError(f"encode_dense takes [B, H, W, 3] preprocessed arrays, got shape {x.shape}")
+    if len(x) == 0:
+      raise UserError("encode_dense needs at least one image")
+    return self._run("encode_dense", x)
+
   def encode_text(self, texts) -> np.ndarray:
     """Strings (tokenized with `tokenize`) or int token ids [B, L] -> L2-normalised embeddings [B, D]."""
     if isinstance(texts, str) or (not isinstance(texts, np.ndarray) and texts and isinstance(texts[0], str)):
@@ -174,11 +182,11 @@ class InferenceModel:
   def class_embeddings(self, class_names: Sequence[str], templates=None) -> np.ndarray:
     """Ensemble text classifier [C, D] (see the module docstring); `templates`: a list of strings with `{}`,
     a bundled set name ('clip_imagenet', 'generic', …) or a .txt path; default "a photo of a {}."."""
-    from vlm_jax.evaluate import prompts, zeroshot  # noqa: PLC0415
+    from vlm_jax.embedding import classifier, prompts  # noqa: PLC0415
     if isinstance(class_names, str) or not len(class_names):
       raise UserError("class_names must be a non-empty list of strings")
     templates = prompts.load_templates(DEFAULT_TEMPLATES if templates is None else templates)
-    return zeroshot.class_embeddings(self.encode_text, self.tokenizer, list(class_names), templates,
+    return classifier.class_embeddings(self.encode_text, self.tokenizer, list(class_names), templates,
                                      batch_size=max(len(class_names) * len(templates), 1))
 
   def classify(self, images, class_names: Sequence[str], templates=None, *, sigmoid: bool = False) -> np.ndarray:
@@ -202,7 +210,7 @@ def load(directory: str, *, mesh=None, batch_size: int = 64, tokenizer: dict | N
   `tokenizer` overrides tokenizer options of the saved config, e.g. {'model_path': 'spiece.model'} for a SigLIP
   converted without its SentencePiece file.
   """
-  from vlm_jax.interop import load_converted  # noqa: PLC0415
-  config, variables = load_converted(directory)
-  config.tokenizer.update(dict(tokenizer or {}))
-  return InferenceModel(config, variables, mesh=mesh, batch_size=batch_size)
+  from vlm_jax import assembly, runs  # noqa: PLC0415
+  run = runs.load(directory)
+  run.config.tokenizer.update(dict(tokenizer or {}))
+  return InferenceModel(assembly.complete(run.config), run.variables, mesh=mesh, batch_size=batch_size)

@@ -13,7 +13,7 @@ Arguments: variant (standalone|micro), beam (beam size; 1: greedy), alpha (beam 
 
 import ml_collections
 
-from vlm_jax.train import config_base as cb
+from vlm_jax import config_lib as cb
 
 
 def get_config(arg=None):

@@ -23,7 +23,7 @@ image_size (0: the checkpoint's data.image_size). Writes DIR/eval/imagenet.json 
 
 import ml_collections
 
-from vlm_jax.train import config_base as cb
+from vlm_jax import config_lib as cb
 
 
 def get_config(arg=None):

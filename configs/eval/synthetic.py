@@ -11,7 +11,7 @@ Writes DIR/eval/synthetic.json and plots under DIR/plots/. `synthetic.py:micro` 
 
 import ml_collections
 
-from vlm_jax.train import config_base as cb
+from vlm_jax import config_lib as cb
 
 
 def get_config(arg=None):

@@ -12,7 +12,7 @@ res (image side), parallel (fraction of parallel-prediction examples; paper 0.75
 
 import ml_collections
 
-from vlm_jax.train import config_base as cb
+from vlm_jax import config_lib as cb
 
 
 def get_config(arg: str = "tiny"):

@@ -6,7 +6,7 @@
 Arguments: variant (tiny|full), img (ViT variant), txt (text variant), res (image side), embed (joint dim).
 """
 
-from vlm_jax.train import config_base as cb
+from vlm_jax import config_lib as cb
 
 
 def get_config(arg: str = "tiny"):

@@ -15,7 +15,7 @@ import math
 import ml_collections
 
 from vlm_jax.errors import UserError
-from vlm_jax.train import config_base as cb
+from vlm_jax import config_lib as cb
 
 
 def get_config(arg: str = "tiny"):

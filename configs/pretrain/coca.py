@@ -11,7 +11,7 @@ multimodal halves), res (image side), embed (joint dim), queries (captioning poo
 
 import ml_collections
 
-from vlm_jax.train import config_base as cb
+from vlm_jax import config_lib as cb
 
 
 def get_config(arg: str = "tiny"):

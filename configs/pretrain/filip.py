@@ -11,7 +11,7 @@ memory-linear ring (`objective_hparams.filip.impl='dense'` builds the B×B×N×L
 Arguments: variant (tiny|micro|full), img, txt, res, embed.
 """
 
-from vlm_jax.train import config_base as cb
+from vlm_jax import config_lib as cb
 
 
 def get_config(arg: str = "tiny"):

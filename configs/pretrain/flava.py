@@ -18,7 +18,7 @@ FLAVA's MIM/MCM predict dVAE tokens; here the normalised pixels of the masked pa
 import ml_collections
 
 from vlm_jax.errors import UserError
-from vlm_jax.train import config_base as cb
+from vlm_jax import config_lib as cb
 
 
 def _model(a) -> ml_collections.ConfigDict:

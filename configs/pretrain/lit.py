@@ -5,7 +5,7 @@
   --config=configs/pretrain/lit.py:img=B/16,txt=B,res=224 --config.init.checkpoint=DIR
 """
 
-from vlm_jax.train import config_base as cb
+from vlm_jax import config_lib as cb
 
 
 def get_config(arg: str = "tiny"):

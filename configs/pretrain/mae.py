@@ -16,7 +16,7 @@ import ml_collections
 
 from vlm_jax.errors import UserError
 
-from vlm_jax.train import config_base as cb
+from vlm_jax import config_lib as cb
 
 
 def _vit(variant: str, res: int, **kw) -> dict:

@@ -11,7 +11,7 @@ ViT's patch tokens (a token grid is needed: the tiny variant uses a 2-layer widt
 (`vlm_jax.objectives.region_word`). Arguments: variant (tiny|micro|full), img, txt, res, embed.
 """
 
-from vlm_jax.train import config_base as cb
+from vlm_jax import config_lib as cb
 
 
 def get_config(arg: str = "tiny"):

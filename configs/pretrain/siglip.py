@@ -10,7 +10,7 @@ t > 100 (about 110–120), and a converted one (`vlm_jax.interop`, also unclampe
 `--config.model.max_log_logit_scale=4.605` for open_clip's clamp.
 """
 
-from vlm_jax.train import config_base as cb
+from vlm_jax import config_lib as cb
 
 
 def get_config(arg: str = "tiny"):

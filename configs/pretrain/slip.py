@@ -4,7 +4,7 @@
   --config=configs/pretrain/slip.py:img=B/16,txt=B,res=224      (SLIP: head 4096 → 256, τ_SimCLR = 0.1)
 """
 
-from vlm_jax.train import config_base as cb
+from vlm_jax import config_lib as cb
 
 
 def get_config(arg: str = "tiny"):
@@ -12,5 +12,6 @@ def get_config(arg: str = "tiny"):
   c.objectives = {"clip": 1.0, "simclr": 1.0}
   c.objective_hparams = {"clip": {"impl": "dense"}, "simclr": {"temperature": 0.1}}
   c.model.simclr_head = {"hidden": 256, "out": 64} if a.variant == "tiny" else {"hidden": 4096, "out": 256}
+  c.data.views = True            # the data stream adds the two augmented views SimCLR compares
   c.data.view_scale = (0.08, 1.0)
   return c

@@ -4,7 +4,7 @@
   --config=configs/pretrain/unicl.py:img=B/16,txt=B,res=224
 """
 
-from vlm_jax.train import config_base as cb
+from vlm_jax import config_lib as cb
 
 
 def get_config(arg: str = "tiny"):

@@ -50,6 +50,7 @@ import numpy as np
 from PIL import Image
 
 from vlm_jax.data import image_folder, shard_stream, shards, synthetic, synthetic_shards, transforms
+from vlm_jax.config_lib import plain as _plain
 from vlm_jax.errors import UserError
 
 CLIP_MEAN, CLIP_STD = transforms.CLIP_MEAN, transforms.CLIP_STD
@@ -67,7 +68,8 @@ DEFAULTS = {
     "cache_dir": "",             # where the synthetic shards are rendered (default $VLM_JAX_CACHE or ~/.cache)
     "caption_field": "",         # read the caption from this field of {key}.json instead of {key}.txt
     "augment": {"crop_scale": (0.9, 1.0), "crop_ratio": (3 / 4, 4 / 3), "flip": False},
-    "view_scale": (0.4, 1.0),    # SimCLR/SLIP views
+    "views": False,              # two more augmented crops per image, 'image_view1'/'image_view2' (SimCLR, SLIP)
+    "view_scale": (0.4, 1.0),    # their random-resized-crop scale range
     "mean": CLIP_MEAN, "std": CLIP_STD,
     "cycle_length": 4,           # shards open at once per stream and worker
     "shuffle_buffer": 1000,      # window-shuffle size (samples)
@@ -78,14 +80,6 @@ DEFAULTS = {
     "regions": 0,                # K > 0: add 'boxes', 'phrases', 'region_valid', 'region_class' (see `_regions`)
     "region_phrase_length": 8,   # tokens per phrase (SOT + words + EOT)
 }
-
-
-def _plain(cfg) -> dict:
-  if cfg is None:
-    return {}
-  if hasattr(cfg, "to_dict"):
-    cfg = cfg.to_dict()
-  return dict(cfg)
 
 
 _RETIRED = ("num_threads", "prefetch_buffer_size")  # options of the pre-shard pipeline, accepted and ignored
@@ -281,10 +275,12 @@ def make_train_iterator(data_config, *, global_batch_size: int, seed: int, token
   """grain iterator over this process's rows of the global training batches (see the module docstring).
 
   Each process yields batches of `global_batch_size // process_count` rows. `seed` drives the shard order,
-  the shuffle and the augmentations. `views` adds two SimCLR views per image. The returned iterator supports
+  the shuffle and the augmentations. `views` (or `data.views`) adds two SimCLR views per image. The returned
+  iterator supports
   `get_state()` / `set_state()` for exact resumption and `stats()` for the skip counters.
   """
   cfg = _options(data_config)
+  views = bool(views or cfg["views"])
   streams = int(cfg["streams"]) or process_count
   if streams % process_count:
     raise UserError(f"data.streams={streams} must be a multiple of the {process_count} processes")

@@ -23,13 +23,8 @@ import numpy as np
 
 from vlm_jax.data import pipeline
 from vlm_jax.data.transforms import CLIP_MEAN, CLIP_STD, normalize
+from vlm_jax.config_lib import plain as _plain
 from vlm_jax.errors import UserError
-
-
-def _plain(data_config) -> dict:
-  if hasattr(data_config, "to_dict"):
-    return data_config.to_dict()
-  return dict(data_config or {})
 
 
 def _key(data_config) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Mapping
 
+from vlm_jax import config_lib
 from vlm_jax.errors import UserError
 
 
@@ -51,7 +52,7 @@ KINDS = {
 
 def options(cfg: Mapping | None, defaults: Mapping[str, Any], where: str) -> dict:
   """An evaluator's options: `defaults` updated by `cfg` (minus 'kind'); unknown keys raise `UserError`."""
-  cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else (cfg or {}))
+  cfg = config_lib.plain(cfg)
   cfg.pop("kind", None)
   unknown = sorted(set(cfg) - set(defaults))
   if unknown:

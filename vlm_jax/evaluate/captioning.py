@@ -42,7 +42,7 @@ def _generator(model, tokenizer, o: dict, mesh) -> Callable:
   """fn(variables, images np [N, ...]) -> ids np [N, max_len], batched and sharded over the mesh."""
   from vlm_jax import decoding  # noqa: PLC0415
   from vlm_jax.parallel import mesh as mesh_lib  # noqa: PLC0415
-  from vlm_jax.evaluate.embed import apply_batched  # noqa: PLC0415
+  from vlm_jax.embedding.batched import apply_batched  # noqa: PLC0415
   if getattr(tokenizer, "sot_id", None) is None:
     raise UserError("captioning needs a tokenizer with a start-of-text token (rows [SOT] … [EOT])")
   max_len = int(o["max_len"] or tokenizer.context_length)
@@ -62,7 +62,7 @@ def synthetic_evaluator(cfg, *, model, tokenizer, data_config, plot_dir: str | N
   image_size (0: the data's), baseline_train_scenes (4096), samples (16 written; 0: none)."""
   from vlm_jax.data import pipeline, synthetic_eval  # noqa: PLC0415
   from vlm_jax.evaluate import options  # noqa: PLC0415
-  from vlm_jax.evaluate.embed import current_mesh  # noqa: PLC0415
+  from vlm_jax.embedding.batched import current_mesh  # noqa: PLC0415
   o = options(cfg, {"num_images": 256, "captions_per_image": 5, "beam_size": 1, "alpha": 1.0, "max_len": 0,
                     "batch_size": 256, "image_size": 0, "baseline_train_scenes": 4096, "samples": 16},
               "captioning_synthetic")

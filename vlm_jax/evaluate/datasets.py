@@ -106,8 +106,9 @@ def zeroshot_evaluator(cfg, *, model, tokenizer, data_config, plot_dir: str | No
   file), batch_size, image_size (0: the data's), limit (0: all), plots."""
   import jax  # noqa: PLC0415
 
-  from vlm_jax.evaluate import options, prompts, zeroshot  # noqa: PLC0415
-  from vlm_jax.evaluate.embed import Embedder  # noqa: PLC0415
+  from vlm_jax.embedding import classifier, prompts  # noqa: PLC0415
+  from vlm_jax.evaluate import options, zeroshot  # noqa: PLC0415
+  from vlm_jax.embedding.batched import Embedder  # noqa: PLC0415
   o = options(cfg, {"dataset": "", "data_dir": "", "templates": "clip_imagenet", "descriptions": "",
                     "class_names": "", "batch_size": 256, "image_size": 0, "limit": 0, "plots": True}, "zeroshot")
   source = open_dataset(o["dataset"], what="zeroshot", data_dir=o["data_dir"],
@@ -128,7 +129,7 @@ def zeroshot_evaluator(cfg, *, model, tokenizer, data_config, plot_dir: str | No
   def run(variables) -> dict:
     if not cache:
       cache.update(load_images(source, o["limit"]))
-    emb = zeroshot.class_embeddings(lambda t: enc_txt(variables, t), tokenizer, names, templates,
+    emb = classifier.class_embeddings(lambda t: enc_txt(variables, t), tokenizer, names, templates,
                                     o["batch_size"], descriptions=descriptions)
     logits = zeroshot.zeroshot_classify(lambda x: enc_img(variables, norm(x)), emb, cache["image"],
                                         o["batch_size"])
@@ -147,7 +148,7 @@ def _probe_features(cfg, extra: dict, kind: str, model, data_config) -> tuple[di
   """Options and `features(variables) -> {train_x, train_y, test_x, test_y, num_classes}` of a probe kind."""
   from vlm_jax.evaluate import linear_probe as lp  # noqa: PLC0415
   from vlm_jax.evaluate import options  # noqa: PLC0415
-  from vlm_jax.evaluate.embed import Embedder  # noqa: PLC0415
+  from vlm_jax.embedding.batched import Embedder  # noqa: PLC0415
   o = options(cfg, {"train_dataset": "", "test_dataset": "", "data_dir": "", "batch_size": 256, "image_size": 0,
                     "train_limit": 0, "test_limit": 0, "l2_grid": lp.L2_GRID, "steps": lp.STEPS, "tol": lp.TOL,
                     "standardize": True, **extra}, kind)

@@ -41,7 +41,7 @@ def _scorer(model, mesh) -> Callable:
 def itm_scores(model, variables, images: np.ndarray, ids: np.ndarray, pair_image: np.ndarray,
                pair_text: np.ndarray, batch_size: int = 256) -> np.ndarray:
   """ITM log-odds [P] of the pairs (images[pair_image[p]], ids[pair_text[p]]), batched over the current mesh."""
-  from vlm_jax.evaluate.embed import current_mesh  # noqa: PLC0415
+  from vlm_jax.embedding.batched import current_mesh  # noqa: PLC0415
   mesh = current_mesh()
   dp = mesh_lib.data_parallel_size(mesh)
   p = len(pair_image)
@@ -87,7 +87,7 @@ def _mismatched(captions, texts: list[str], owner: np.ndarray, sim: np.ndarray, 
 def evaluate(model, variables, tokenizer, images: np.ndarray, captions, *, top_k: int = 8, ks=KS,
              batch_size: int = 256, prefix: str = "itm_rerank/", seed: int = 0) -> dict[str, float]:
   """Contrastive and ITM-re-ranked recall both ways, and ITM accuracy (see the module docstring)."""
-  from vlm_jax.evaluate.embed import Embedder  # noqa: PLC0415
+  from vlm_jax.embedding.batched import Embedder  # noqa: PLC0415
   texts, owner = flatten_captions(captions)
   ids = tokenizer(texts)
   zi = Embedder(model, "encode_image", batch_size)(variables, images)

@@ -103,7 +103,7 @@ def fit(x: np.ndarray, y: np.ndarray, num_classes: int, l2s: Sequence[float], *,
         tol: float = TOL, standardize: bool = True, pad_to: int = 0, mesh=None) -> Probe:
   """Fits one classifier per λ in `l2s` on rows x [N, D], labels y [N] (rows padded to `pad_to` and to a
   multiple of the data-parallel size, then sharded over the batch axes of `mesh` or the current mesh)."""
-  from vlm_jax.evaluate.embed import current_mesh  # noqa: PLC0415
+  from vlm_jax.embedding.batched import current_mesh  # noqa: PLC0415
   mesh = mesh or current_mesh()
   dp = mesh_lib.data_parallel_size(mesh)
   n = len(x)
@@ -230,7 +230,7 @@ _COMMON = {"batch_size": 256, "image_size": 0, "train_per_class": 16, "l2_grid":
 def _features(cfg, extra: dict, kind: str, model, data_config) -> tuple[dict, Callable]:
   from vlm_jax.data import synthetic_eval  # noqa: PLC0415
   from vlm_jax.evaluate import options  # noqa: PLC0415
-  from vlm_jax.evaluate.embed import Embedder  # noqa: PLC0415
+  from vlm_jax.embedding.batched import Embedder  # noqa: PLC0415
   o = options(cfg, {**_COMMON, **extra}, kind)
   o["image_size"] = int(o["image_size"] or data_config["image_size"])
   enc = Embedder(model, "encode_image", o["batch_size"])

@@ -21,14 +21,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from vlm_jax.embedding.classifier import embed_chunked, l2_normalize_rows
 from vlm_jax.errors import UserError
 
 KS = (1, 5, 10)
 
 
-def _l2n(x: np.ndarray) -> np.ndarray:
-  x = np.asarray(x, np.float32)
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def hits_at_k(scores: np.ndarray, positive: np.ndarray, ks: Sequence[int] = KS) -> dict[int, np.ndarray]:
@@ -46,7 +44,7 @@ def hits_at_k(scores: np.ndarray, positive: np.ndarray, ks: Sequence[int] = KS) 
 def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndarray,
                       ks: Sequence[int] = KS, chunk: int = 1024) -> dict[str, float]:
   """{'image_to_text_R@k', 'text_to_image_R@k'} from embeddings [N, D], [T, D] and each text's image [T]."""
-  zi, zt = _l2n(image_emb), _l2n(text_emb)
+  zi, zt = l2_normalize_rows(image_emb), l2_normalize_rows(text_emb)
   text_image = np.asarray(text_image)
   n = len(zi)
   i2t = {k: [] for k in ks}
@@ -79,9 +77,9 @@ def evaluate(encode_image_fn: Callable, encode_text_fn: Callable, tokenizer, ima
              plot_queries: int = 6) -> dict[str, float]:
   """Recall@k both ways for images [N, ...] with captions [N][K_i]; optional top-5 text→image grid PNG."""
   texts, owner = flatten_captions(captions)
-  zi = _l2n(np.concatenate([encode_image_fn(images[s:s + batch_size]) for s in range(0, len(images), batch_size)]))
+  zi = l2_normalize_rows(embed_chunked(encode_image_fn, images, batch_size))
   ids = tokenizer(texts)
-  zt = _l2n(np.concatenate([encode_text_fn(ids[s:s + batch_size]) for s in range(0, len(ids), batch_size)]))
+  zt = l2_normalize_rows(embed_chunked(encode_text_fn, ids, batch_size))
   out = retrieval_metrics(zi, zt, owner, ks)
   out["num_images"], out["num_captions"] = len(images), len(texts)
   if plot_path and images_uint8 is not None and plot_queries > 0:
@@ -134,7 +132,7 @@ def _builder(cfg, defaults: dict, kind: str, data_config, model, plot_dir):
   import jax  # noqa: PLC0415
 
   from vlm_jax.evaluate import options  # noqa: PLC0415
-  from vlm_jax.evaluate.embed import Embedder  # noqa: PLC0415
+  from vlm_jax.embedding.batched import Embedder  # noqa: PLC0415
   o = options(cfg, {"batch_size": 256, "image_size": 0, "ks": KS, "plots": True, "plot_queries": 6, **defaults},
               kind)
   o["image_size"] = int(o["image_size"] or data_config["image_size"])

@@ -8,7 +8,7 @@ pool's value and output projections. `TwoTower.encode_dense` returns these L2-no
 [B, h, w, D] in the joint space, so each location can be scored like an image.
 
 Prediction: cosine similarity of every location with the class text embeddings (the zero-shot template
-ensemble of `zeroshot.class_embeddings`), logits upsampled bilinearly to the pixels (half-pixel centres, edge
+ensemble of `embedding.classifier.class_embeddings`), logits upsampled bilinearly to the pixels (half-pixel centres, edge
 clamped: PyTorch `interpolate(..., align_corners=False)`), argmax. Labels: 0 = background, c + 1 = class c
 (the encoding of `SyntheticShapes` semantic masks).
 
@@ -54,6 +54,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from vlm_jax import config_lib
+from vlm_jax.embedding.classifier import class_embeddings, embed_chunked, l2_normalize_rows
 from vlm_jax.evaluate import zeroshot
 
 EncodeFn = Callable[[np.ndarray], np.ndarray]
@@ -178,12 +180,8 @@ def predict_broadcast(zimg: np.ndarray, class_emb: np.ndarray, size: Sequence[in
   return np.broadcast_to(labels[:, None, None], (len(labels),) + tuple(size)).copy()
 
 
-def _embed_chunked(fn: EncodeFn, x: np.ndarray, batch_size: int) -> np.ndarray:
-  return np.concatenate([np.asarray(fn(x[i:i + batch_size]), np.float32) for i in range(0, len(x), batch_size)])
 
 
-def _l2n(x: np.ndarray) -> np.ndarray:
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 # ---- the synthetic evaluation ---------------------------------------------------------------------------------
@@ -198,7 +196,7 @@ def synthetic_scenes(data_config, *, split: str = "eval_retrieval", image_size: 
   n = min(int(num_images), len(src))
   els = [src.render(src.scene(i), masks=True) for i in range(n)]
   images = np.stack([e["image"] for e in els])
-  cfg = data_config.to_dict() if hasattr(data_config, "to_dict") else dict(data_config or {})
+  cfg = config_lib.plain(data_config)
   mean, std = tuple(cfg.get("mean", transforms.CLIP_MEAN)), tuple(cfg.get("std", transforms.CLIP_STD))
   return {"image_uint8": images, "image": transforms.normalize(images, mean, std),
           "mask": np.stack([e["semantic_mask"] for e in els]).astype(np.int32)}
@@ -231,22 +229,22 @@ def evaluate_synthetic(encode_dense_fn: EncodeFn, encode_image_fn: EncodeFn, enc
     except (TypeError, ValueError):
       raise UserError(f"segmentation threshold must be a number or 'otsu', got {threshold!r}") from None
   names = pipeline.dataset_info(data_config)["class_names"]
-  class_emb = zeroshot.class_embeddings(encode_text_fn, tokenizer, names, templates, batch_size,
+  class_emb = class_embeddings(encode_text_fn, tokenizer, names, templates, batch_size,
                                         fix_articles=True)
   if data is None:
     data = synthetic_scenes(data_config, split=split, image_size=image_size, num_images=num_images)
   gt, size, k = data["mask"], data["mask"].shape[1:], len(names) + 1
-  zdense = _embed_chunked(encode_dense_fn, data["image"], batch_size)
+  zdense = embed_chunked(encode_dense_fn, data["image"], batch_size)
   bg = {"background": background}
   if background == "prompt":
-    z = _l2n(_embed_chunked(encode_text_fn, tokenizer(list(background_prompts)), batch_size))
-    bg["background_emb"] = _l2n(z.mean(axis=0))
+    z = l2_normalize_rows(embed_chunked(encode_text_fn, tokenizer(list(background_prompts)), batch_size))
+    bg["background_emb"] = l2_normalize_rows(z.mean(axis=0))
   elif threshold == "otsu":
     bg["threshold"] = otsu_threshold(objectness(zdense, class_emb))
   else:
     bg["threshold"] = threshold
   pred = predict_dense(zdense, class_emb, size, **bg)
-  base = predict_broadcast(_l2n(_embed_chunked(encode_image_fn, data["image"], batch_size)), class_emb,
+  base = predict_broadcast(l2_normalize_rows(embed_chunked(encode_image_fn, data["image"], batch_size)), class_emb,
                            size, **bg)
   conf, conf_base = confusion_matrix(gt, pred, k), confusion_matrix(gt, base, k)
   out = {"miou": mean_iou(conf), "baseline_miou": mean_iou(conf_base), "chance": chance_miou(conf.sum(axis=1)),
@@ -329,8 +327,9 @@ def synthetic_evaluator(cfg, *, model, tokenizer, data_config, plot_dir: str | N
   background ('threshold' | 'prompt'), threshold, background_prompts, templates, plots (overlays PNG)."""
   import jax  # noqa: PLC0415
 
-  from vlm_jax.evaluate import options, prompts  # noqa: PLC0415
-  from vlm_jax.evaluate.embed import Embedder  # noqa: PLC0415
+  from vlm_jax.embedding import prompts  # noqa: PLC0415
+  from vlm_jax.evaluate import options  # noqa: PLC0415
+  from vlm_jax.embedding.batched import Embedder  # noqa: PLC0415
   o = options(cfg, {"batch_size": 64, "image_size": 0, "split": "eval_retrieval", "num_images": 128,
                     "background": "threshold", "threshold": DEFAULT_THRESHOLD,
                     "background_prompts": list(BACKGROUND_PROMPTS), "templates": "synthetic", "plots": True},

@@ -24,58 +24,12 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from vlm_jax.errors import UserError
-from vlm_jax.evaluate import prompts
+from vlm_jax.embedding import prompts
+from vlm_jax.embedding.classifier import class_embeddings, embed_chunked, l2_normalize_rows
 
 EncodeFn = Callable[[np.ndarray], np.ndarray]
 
 SYNTHETIC_TEMPLATES = prompts.load_templates("synthetic")
-
-
-def _article_fix(text: str) -> str:
-  """'a orange …' -> 'an orange …' (the synthetic templates are written with 'a')."""
-  words = text.split(" ")
-  for i in range(len(words) - 1):
-    if words[i] == "a" and words[i + 1][:1] in tuple("aeiou"):
-      words[i] = "an"
-  return " ".join(words)
-
-
-def _chunked(fn: EncodeFn, x: np.ndarray, batch_size: int) -> np.ndarray:
-  out = [np.asarray(fn(x[i:i + batch_size]), np.float32) for i in range(0, len(x), batch_size)]
-  return np.concatenate(out, axis=0)
-
-
-def _l2n(x: np.ndarray) -> np.ndarray:
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def class_prompts(class_names: Sequence[str], templates: Sequence[str] = (),
-                  descriptions: Sequence[Sequence[str]] | None = None,
-                  fix_articles: bool = False) -> list[list[str]]:
-  """Per class: its templates filled with the name, then its description sentences (if any)."""
-  if not templates and descriptions is None:
-    raise ValueError("zero-shot classification needs templates, descriptions or both")
-  out = []
-  for i, name in enumerate(class_names):
-    texts = [prompts.fill(t, name) for t in templates]
-    if fix_articles:
-      texts = [_article_fix(t) for t in texts]
-    out.append(texts + list(descriptions[i] if descriptions is not None else ()))
-  return out
-
-
-def class_embeddings(encode_text_fn: EncodeFn, tokenizer, class_names: Sequence[str],
-                     templates: Sequence[str] = (), batch_size: int = 256, *,
-                     descriptions: Sequence[Sequence[str]] | None = None,
-                     fix_articles: bool = False) -> np.ndarray:
-  """Ensemble text classifier [C, D]: per class, the mean of its prompts' normalised embeddings, renormalised."""
-  per_class = class_prompts(class_names, templates, descriptions, fix_articles)
-  flat = [t for texts in per_class for t in texts]
-  z = _l2n(_chunked(encode_text_fn, tokenizer(flat), batch_size))
-  owner = np.repeat(np.arange(len(per_class)), [len(t) for t in per_class])
-  sums = np.zeros((len(per_class), z.shape[1]), np.float64)
-  np.add.at(sums, owner, z)
-  return _l2n((sums / np.bincount(owner, minlength=len(per_class))[:, None]).astype(np.float32))
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int | None = None,
@@ -118,7 +72,7 @@ def confusion_matrix(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> 
 def zeroshot_classify(encode_image_fn: EncodeFn, class_emb: np.ndarray, images: np.ndarray,
                       batch_size: int = 256) -> np.ndarray:
   """Cosine-similarity logits [N, C] of images against a class-embedding classifier."""
-  zimg = _l2n(_chunked(encode_image_fn, images, batch_size))
+  zimg = l2_normalize_rows(embed_chunked(encode_image_fn, images, batch_size))
   return zimg @ class_emb.T
 
 
@@ -194,7 +148,7 @@ def synthetic_evaluator(cfg, *, model, tokenizer, data_config, plot_dir: str | N
   import jax  # noqa: PLC0415
 
   from vlm_jax.evaluate import options  # noqa: PLC0415
-  from vlm_jax.evaluate.embed import Embedder  # noqa: PLC0415
+  from vlm_jax.embedding.batched import Embedder  # noqa: PLC0415
   from vlm_jax.data import pipeline  # noqa: PLC0415
   o = options(cfg, {"batch_size": 256, "image_size": 0, "templates": "synthetic", "descriptions": "",
                     "fix_articles": True, "multilabel_images": 0, "plots": True}, "zeroshot_synthetic")

@@ -1,17 +1,13 @@
-"""Weight conversion between vlm_jax and open_clip / OpenAI CLIP / Hugging Face: the converted-checkpoint format.
+"""Weight conversion between vlm_jax and open_clip / OpenAI CLIP / Hugging Face.
 
 A converter returns `(config, variables)`: `config` holds `model` (what `build_model` takes), `tokenizer`,
 `data` (`image_size`, `mean`, `std`: the eval transform) and `source` (provenance); `variables` is a nested dict
-of numpy arrays, {'params': …} plus {'batch_stats': …} for ResNets. `save_converted` writes them as an
-ordinary vlm_jax checkpoint directory, the layout pre-training writes:
-
-  DIR/config.json                     the full run config (human-readable copy)
-  DIR/checkpoints/0/state             orbax TrainState subset: step, params, extra (= {'batch_stats'}: ResNets)
-  DIR/checkpoints/0/config            the full run config (`config_base.base_config()` + the converter's keys)
-
-so `checkpoint.load_variables(DIR)`, `python -m vlm_jax.evaluate --checkpoint=DIR`, `vlm_jax.inference.load`
-and LiT (`--config.init.checkpoint=DIR`) read it like a pre-training run. `load_converted(DIR)` reads any of
-them back as `(config, variables)`.
+of numpy arrays, {'params': …} plus {'batch_stats': …} for ResNets. `save_converted` checks them against the
+model the config describes (`assembly.check_variables`) and writes an ordinary run directory through
+`vlm_jax.runs.save_model` (the layout pre-training writes), so `runs.load(DIR)`, `python -m vlm_jax.evaluate
+--checkpoint=DIR`, `vlm_jax.inference.load` and `--config.init.checkpoint=DIR` read it like a pre-training run.
+`load_converted(DIR)` reads any run directory back as `(config, variables)` with the text tower completed from
+the tokenizer, the form the exporters take.
 
 `convert(source, path)` and `export(to, config, variables, path)` dispatch to the format modules, imported on
 first use (they need torch / safetensors / transformers: the `interop` extra): `SOURCES` = open_clip and openai
@@ -24,12 +20,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
+from vlm_jax import config_lib
 from vlm_jax.errors import UserError
 
 # name -> (module, function); `convert` / `export` below import them lazily.
@@ -43,7 +39,6 @@ EXPORTERS: dict[str, tuple[str, str]] = {
     "hf": ("vlm_jax.interop.hf", "to_hf"),
 }
 _OPTIONAL = ("torch", "safetensors", "transformers", "open_clip", "timm")
-_CONVERTER_KEYS = ("model", "tokenizer", "data")
 
 
 def _import(module: str):
@@ -60,157 +55,37 @@ def _function(module: str, name: str) -> Callable:
   return getattr(_import(module), name)
 
 
-def _plain(tree) -> Any:
-  return tree.to_dict() if hasattr(tree, "to_dict") else tree
-
-
 def _config_dict(config):
   """A ConfigDict copy of a ConfigDict or a plain nested dict."""
   import ml_collections  # noqa: PLC0415
-  return ml_collections.ConfigDict(_plain(config))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The model a config describes, and variables checked against it.
-# ---------------------------------------------------------------------------------------------------------
-
-def build(config):
-  """The `TwoTower` of a (converted or run) config; the text vocabulary and length come from the tokenizer
-  when the model config leaves them out, as in pre-training (`runner.build`)."""
-  from vlm_jax.models import build_model  # noqa: PLC0415
-  text = dict(_plain(config.model).get("text") or {})
-  if "vocab_size" in text and "max_len" in text:
-    return build_model(config.model)
-  from vlm_jax import runner  # noqa: PLC0415
-  return runner.build(config)[1]
+  return ml_collections.ConfigDict(config_lib.plain(config))
 
 
 def _hw(size) -> tuple[int, int]:
   return (int(size), int(size)) if np.ndim(size) == 0 else tuple(int(s) for s in size)
 
 
-def abstract_variables(model) -> dict:
-  """`jax.eval_shape` of `model.init` at the model's own resolution and text length: ShapeDtypeStructs, still
-  boxed with their logical axis names (for `partitioning.logical_to_shardings`)."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  h, w = _hw(getattr(model.img, "image_size", 224))
-  batch = {"image": jnp.zeros((1, h, w, 3), jnp.float32),
-           "text": jnp.zeros((1, int(getattr(model.txt, "max_len", 77))), jnp.int32)}
-  rngs = {k: jax.random.PRNGKey(0) for k in ("params", "dropout", "mask")}
-  return dict(jax.eval_shape(lambda: model.init(rngs, batch, train=False)))
-
-
-def check_variables(model, variables: dict, *, what: str = "converted weights",
-                    hint: str = "wrong --arch for this file?", abstract: dict | None = None) -> dict:
-  """`variables` as numpy in the dtypes `model` expects, after checking every path and shape against it.
-
-  A missing, unexpected or differently shaped array raises `UserError` listing the first few (a converter fed
-  the wrong architecture, or a checkpoint of another model). `abstract`: `abstract_variables(model)`, if
-  already computed."""
-  from flax import traverse_util  # noqa: PLC0415
-
-  from vlm_jax.parallel import partitioning  # noqa: PLC0415
-  abstract = abstract_variables(model) if abstract is None else abstract
-  want = traverse_util.flatten_dict(partitioning.unbox(abstract), sep="/")
-  have = traverse_util.flatten_dict(_plain(variables), sep="/")
-  problems = [f"missing {k} {tuple(v.shape)}" for k, v in want.items() if k not in have]
-  problems += [f"unexpected {k} {tuple(np.shape(v))}" for k, v in have.items() if k not in want]
-  problems += [f"{k} has shape {tuple(np.shape(have[k]))}, the model needs {tuple(want[k].shape)}"
-               for k in want if k in have and tuple(np.shape(have[k])) != tuple(want[k].shape)]
-  if problems:
-    more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
-    raise UserError(f"{what} do not fit the model the config describes ({hint}): "
-                    + "; ".join(problems[:4]) + more)
-  out = {k: np.asarray(have[k]).astype(want[k].dtype, copy=False) for k in want}
-  return traverse_util.unflatten_dict(out, sep="/")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Converted config <-> full run config; checkpoint directory write / read.
-# ---------------------------------------------------------------------------------------------------------
-
-def full_config(converted):
-  """The run config of a converted model: `config_base.base_config()` with the converter's `model`,
-  `tokenizer` (replaced), `data` (merged: image_size, mean, std) and `source`. A SigLIP model (one with a
-  `logit_bias_init`) gets the sigmoid objective, so fine-tuning from it uses the loss it was trained with."""
-  import ml_collections  # noqa: PLC0415
-
-  from vlm_jax.data import pipeline  # noqa: PLC0415
-  from vlm_jax.train import config_base  # noqa: PLC0415
-  conv = dict(_plain(converted))
-  missing = [k for k in _CONVERTER_KEYS if k not in conv]
-  if missing:
-    raise ValueError(f"a converter's config needs the keys {list(_CONVERTER_KEYS)}; missing {missing}")
-  unknown = sorted(set(_plain(conv["data"])) - set(pipeline.DEFAULTS))
-  if unknown:
-    raise ValueError(f"converted data options {unknown} are not data options; valid: {sorted(pipeline.DEFAULTS)}")
-  c = config_base.base_config()
-  c.model = ml_collections.ConfigDict(_plain(conv.pop("model")))
-  c.tokenizer = ml_collections.ConfigDict(_plain(conv.pop("tokenizer")))
-  c.data.update(_plain(conv.pop("data")))
-  c.source = ml_collections.ConfigDict(_plain(conv.pop("source", None)) or {})
-  if c.model.get("logit_bias_init") is not None:
-    c.objectives = ml_collections.ConfigDict({"siglip": 1.0})
-  for key, value in conv.items():  # anything else the converter sets (objectives, …) wins
-    c[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
-  return c
-
-
-def _check_output_dir(out_dir: str) -> str:
-  out_dir = os.path.abspath(out_dir)
-  if os.path.isfile(out_dir):
-    raise UserError(f"output {out_dir} is a file; give a directory for the converted checkpoint")
-  if os.path.isdir(out_dir) and os.listdir(out_dir):
-    raise UserError(f"output directory {out_dir} is not empty; choose a new directory")
-  try:
-    os.makedirs(out_dir, exist_ok=True)
-  except OSError as e:
-    raise UserError(f"cannot create {out_dir}: {e.strerror or e}") from None
-  return out_dir
-
-
 def save_converted(out_dir: str, config, variables: dict, *, model=None) -> str:
-  """Writes `(config, variables)` of a converter (or any vlm_jax model) as a checkpoint directory; returns it.
+  """Writes a converter's `(config, variables)` (or any vlm_jax model's) as a run directory; returns it.
 
-  `config` is a converter's config (`model`, `tokenizer`, `data`, `source`) or a full run config; `variables`
-  are checked against the model the config describes and cast to its parameter dtypes (OpenAI's float16
-  weights become float32). `out_dir` must be new or empty.
-  """
-  from vlm_jax.train import checkpoint  # noqa: PLC0415
+  `config` is a converter's config (`model`, `tokenizer`, `data`, `source`: completed by
+  `config_lib.model_run_config`) or a full run config; `variables` are checked against the model the config
+  describes and cast to its parameter dtypes (OpenAI's float16 weights become float32). `out_dir` must be new or
+  empty."""
+  from vlm_jax import assembly, runs  # noqa: PLC0415
   config = _config_dict(config)
-  config = full_config(config) if "optimizer" not in config else config
-  model = build(config) if model is None else model
-  variables = check_variables(model, variables)
-  out_dir = _check_output_dir(out_dir)
-  state = {"step": np.int32(0), "params": variables.pop("params")}
-  if variables:  # other collections: a ResNet's batch_stats, stored as pre-training stores them
-    state["extra"] = variables
-  config_json = config.to_json_best_effort(indent=2, sort_keys=True)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    f.write(config_json)
-  ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints"), keep=1, async_save=False)
-  try:
-    ckpt.save(0, state, config=json.loads(config_json), force=True)
-  finally:
-    ckpt.close()
-  return out_dir
+  config = config_lib.model_run_config(config) if "optimizer" not in config else config
+  model = assembly.model_of(config) if model is None else model
+  variables = assembly.check_variables(model, variables, assembly.example_batch(config, model))
+  return runs.save_model(out_dir, config, variables)
 
 
 def load_converted(directory: str):
-  """`(config, variables)` of a converted model or a pre-training run: `directory` may be a workdir, its
-  `checkpoints/` folder or one step folder (the newest step otherwise). The config's text tower gets the
-  tokenizer's vocabulary size and length where the run left them to the tokenizer; variables are numpy."""
-  from vlm_jax.evaluate.cli import load_run  # noqa: PLC0415
-  config, _, variables = load_run(directory)
-  text = config.model.text
-  if "vocab_size" not in text or "max_len" not in text:
-    from vlm_jax import runner  # noqa: PLC0415
-    tokenizer = runner.build_tokenizer(config)
-    for key, value in (("vocab_size", tokenizer.vocab_size), ("max_len", tokenizer.max_len)):
-      if key not in text:
-        text[key] = int(value)
-  return config, variables
+  """`(config, variables)` of a converted model or any run directory (see `vlm_jax.runs.resolve`), the config's
+  text tower completed from the tokenizer where the run left it to the tokenizer; variables are numpy."""
+  from vlm_jax import assembly, runs  # noqa: PLC0415
+  run = runs.load(directory)
+  return assembly.complete(run.config), run.variables
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -256,7 +131,8 @@ def export(to: str, config, variables: dict, output: str) -> str:
   if to == "hf":
     to_hf = _function(*EXPORTERS["hf"])
     created = not os.path.exists(output)
-    _check_output_dir(output)
+    from vlm_jax.runs import check_output_dir  # noqa: PLC0415
+    check_output_dir(output)
     try:
       to_hf(config, variables, output)
     except BaseException:
@@ -284,19 +160,22 @@ def with_image_size(config, variables: dict, image_size: int):
   `model.image.image_size` and `data.image_size` set to `image_size`. Returns `(config, variables)`."""
   from flax import traverse_util  # noqa: PLC0415
 
+  from vlm_jax import assembly  # noqa: PLC0415
   from vlm_jax.models import resnet, vit  # noqa: PLC0415
   from vlm_jax.parallel import partitioning  # noqa: PLC0415
   image_size = int(image_size)
   kind = config.model.image.get("kind")
-  old_tower = build(config).img
+  old_tower = assembly.model_of(config).img
   stride = 32 if kind == "resnet" else int(getattr(old_tower, "patch_size", 1))
   if image_size < stride or image_size % stride:
     raise UserError(f"--image_size {image_size} must be a positive multiple of {stride} for this {kind} tower")
   config = _config_dict(config)
   config.model.image.image_size = image_size
   config.data.image_size = image_size
-  want = traverse_util.flatten_dict(partitioning.unbox(abstract_variables(build(config))), sep="/")
-  flat = traverse_util.flatten_dict(_plain(variables), sep="/")
+  model = assembly.model_of(config)
+  abstract = assembly.abstract_variables(model, assembly.example_batch(config, model))
+  want = traverse_util.flatten_dict(partitioning.unbox(abstract), sep="/")
+  flat = traverse_util.flatten_dict(config_lib.plain(variables), sep="/")
   for key, target in want.items():
     value = flat.get(key)
     if value is None or tuple(value.shape) == tuple(target.shape):

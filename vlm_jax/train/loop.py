@@ -1,7 +1,8 @@
 """The one training loop, shared by every objective (and later by transfer and distillation).
 
     mesh ← config.mesh; model ← config.model; objective ← config.objectives; optimizer ← config.optimizer
-    state ← newest checkpoint in workdir/checkpoints, else fresh init (optionally with a tower loaded: LiT)
+    state ← newest readable checkpoint in workdir/checkpoints, else fresh init (+ `init_fn`: variables copied
+            from one or several checkpoints, `vlm_jax.runs.initializer(config.init)`)
     for step in [state.step, total_steps):
         batch ← data iterator (per-process) → global jax.Array on the mesh
         state, metrics ← train_step(state, batch)            # jit, sharded, state donated
@@ -20,15 +21,15 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from vlm_jax import runs
 from vlm_jax.errors import UserError
 from vlm_jax.parallel import mesh as mesh_lib
 from vlm_jax.parallel import partitioning
-from vlm_jax.train import checkpoint as ckpt_lib
 from vlm_jax.train import flops as flops_lib
 from vlm_jax.train import metrics as metrics_lib
-from vlm_jax.train.state import create_train_state
-from vlm_jax.train.step import make_train_step
 from vlm_jax.train.optim import make_optimizer
+from vlm_jax.train.state import create_train_state
+from vlm_jax.train.step import jit_train_step
 
 log = logging.getLogger("vlm_jax")
 
@@ -104,11 +105,11 @@ def _data_stats(data_iter) -> dict:
   return stats
 
 
-def _model_flops(model, loss_fn, row_shapes: dict, batch_size: int) -> float:
+def _model_flops(model, loss_fn, row_shapes: dict, batch_size: int, frozen: str | None) -> float:
   """Model FLOPs per global step for the throughput metrics (see `train/flops.py`)."""
   batch = {k: jax.ShapeDtypeStruct((batch_size, *shape), dtype) for k, (shape, dtype) in row_shapes.items()}
   try:
-    model_flops = flops_lib.xla_model_flops_per_step(model, loss_fn, batch)
+    model_flops = flops_lib.xla_model_flops_per_step(model, loss_fn, batch, frozen=frozen)
   except Exception as e:  # noqa: BLE001 (a model XLA cannot cost must not stop training)
     log.warning("no FLOPs count for this model (%s); mfu is logged as 0", e)
     model_flops = 0.0
@@ -116,19 +117,22 @@ def _model_flops(model, loss_fn, row_shapes: dict, batch_size: int) -> float:
 
 
 def train(config, workdir: str, *, make_data: Callable, model, loss_fn: Callable,
-          evaluators: dict[str, Callable] | None = None, params_override: Callable | None = None,
+          evaluators: dict[str, Callable] | None = None, init_fn: Callable | None = None,
           quiet: bool = False) -> dict:
   """Runs (or resumes) training; returns the last logged and evaluated metrics.
 
   `make_data(process_index, process_count)` returns the per-process iterator (with get_state/set_state);
-  `evaluators` map a name to `fn(variables) -> {metric: value}`, run every `eval_every_steps` and at the end.
+  `evaluators` map a name to `fn(variables) -> {metric: value}`, run every `eval_every_steps` and at the end;
+  `init_fn(variables) -> variables` (default: `runs.initializer(config.init)`) initialises a fresh run.
   """
+  if init_fn is None:
+    init_fn = runs.initializer(config.get("init"))
   with _Preemption() as preempt:  # installed first: a SIGTERM during set-up still ends in a checkpoint
     return _train(config, workdir, preempt, make_data=make_data, model=model, loss_fn=loss_fn,
-                  evaluators=evaluators, params_override=params_override, quiet=quiet)
+                  evaluators=evaluators, init_fn=init_fn, quiet=quiet)
 
 
-def _train(config, workdir, preempt, *, make_data, model, loss_fn, evaluators, params_override, quiet):
+def _train(config, workdir, preempt, *, make_data, model, loss_fn, evaluators, init_fn, quiet):
   workdir = prepare_workdir(workdir)
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = partitioning.rules_from_config(config.get("partitioning", {}).get("rules"))
@@ -143,23 +147,31 @@ def _train(config, workdir, preempt, *, make_data, model, loss_fn, evaluators, p
   first = next(data_iter)
   row_shapes = {k: (v.shape[1:], v.dtype) for k, v in first.items()}
   tx, schedule = make_optimizer(config.optimizer, total)
+  frozen = config.get("frozen") or None
+  by_reference = not config.get("checkpoint_frozen", True)  # frozen weights rebuilt from config.init
+  ckpt = runs.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.keep_checkpoints))
+  resuming = bool(runs.steps(ckpt.directory))
   with jax.set_mesh(mesh):
     example = _first_rows(first, mesh_lib.data_parallel_size(mesh) // max(1, jax.process_count()) or 1)
+    # a resumed run reads its own checkpoint, not the init sources (unless its frozen weights live there)
     state, shardings = create_train_state(
-        model, tx, example, mesh=mesh, rules=rules, frozen=config.get("frozen") or None,
-        rng=jax.random.PRNGKey(int(config.seed)), params_override=params_override)
+        model, tx, example, mesh=mesh, rules=rules, frozen=frozen, rng=jax.random.PRNGKey(int(config.seed)),
+        init_fn=None if resuming and not by_reference else init_fn)
+  if by_reference:
+    runs.reference.record_or_verify(workdir, config.get("init"), state.frozen, write=jax.process_index() == 0)
 
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.keep_checkpoints))
-  start = ckpt.latest_step()
-  if start is not None:
-    state = ckpt.restore(start, ckpt_lib.abstract_like(state, shardings), data_iter=data_iter)
-    first = None
+  def saved(tree):  # what a checkpoint holds: without the frozen weights when they are kept by reference
+    return tree.replace(frozen={}) if by_reference else tree
+
+  restored, start = ckpt.restore_newest(runs.abstract_like(saved(state), saved(shardings)), data_iter=data_iter)
+  if restored is not None:
+    state, first = restored.replace(frozen=state.frozen), None
     if not quiet and jax.process_index() == 0:
       print(f"resumed from {ckpt.directory}/{start}", flush=True)
   start = int(start or 0)
 
-  step_fn = make_train_step(model, loss_fn, tx, schedule, accum_steps=accum, mesh=mesh, rules=rules)
-  train_step = jax.jit(step_fn, out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+  train_step = jit_train_step(model, loss_fn, tx, schedule, shardings, mesh=mesh, rules=rules,
+                              accum_steps=accum, frozen=frozen)
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start if start else None)
   bar = metrics_lib.ProgressBar(total, start) if not quiet else None
   log_every = max(int(config.log_every_steps), 1)
@@ -167,7 +179,7 @@ def _train(config, workdir, preempt, *, make_data, model, loss_fn, evaluators, p
   last: dict[str, Any] = {}
   skipped_seen = int(jax.device_get(state.skipped_steps))
   with jax.set_mesh(mesh):
-    model_flops = _model_flops(model, loss_fn, row_shapes, config.batch_size)
+    model_flops = _model_flops(model, loss_fn, row_shapes, config.batch_size, frozen)
   peak = flops_lib.peak_flops_per_device()[0]  # outside the mesh: on CPU it times a matmul on one device
   t0, images, window = time.perf_counter(), 0, 0
 
@@ -209,7 +221,7 @@ def _train(config, workdir, preempt, *, make_data, model, loss_fn, evaluators, p
         evaluate(done)
       stop = preempt.any_process()
       if done == total or stop or done % int(config.checkpoint_every_steps) == 0:
-        ckpt.save(done, state, data_iter=data_iter, config=config_dict, force=True)
+        ckpt.save(done, saved(state), data_iter=data_iter, config=config_dict, force=True)
       if stop:
         ckpt.wait()
         if not quiet and jax.process_index() == 0:

@@ -52,22 +52,23 @@ def _create(model: nn.Module, tx: optax.GradientTransformation, example_batch: d
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, example_batch: dict, *,
                        mesh: Mesh, rules, frozen: str | None, rng: jax.Array,
-                       params_override: Callable[[PyTree], PyTree] | None = None
-                       ) -> tuple[TrainState, TrainState]:
+                       init_fn: Callable[[dict], dict] | None = None) -> tuple[TrainState, TrainState]:
   """Returns (state, state_shardings), every leaf placed on the mesh by its logical annotation.
 
-  `params_override(params) -> params` may replace parameters after initialisation (LiT: load a tower from a
-  checkpoint); it runs on host values before the state is placed, and the optimizer state is built after it.
+  `init_fn(variables) -> variables` may replace variables of every collection after initialisation (LiT, a
+  frozen teacher, a student backbone: `vlm_jax.runs.initializer`); it runs on host values before the state is
+  placed, and the optimizer state is built after it.
   """
   create = lambda r: _create(model, tx, example_batch, frozen, r)  # noqa: E731
   abstract = jax.eval_shape(create, rng)
   shardings = partitioning.logical_to_shardings(abstract, mesh, rules)
-  if params_override is None:
+  if init_fn is None:
     with nn.logical_axis_rules(rules):
       state = jax.jit(lambda r: partitioning.unbox(create(r)), out_shardings=shardings)(rng)
     return state, shardings
-  state = partitioning.unbox(jax.jit(create)(rng))
-  merged = params_override(optim.merge_params(state.params, state.frozen))
-  trainable, froz = optim.split_frozen(merged, frozen)
-  state = state.replace(params=trainable, frozen=froz, opt_state=tx.init(trainable))
+  state = jax.device_get(partitioning.unbox(jax.jit(create)(rng)))
+  variables = init_fn(state.variables())
+  variables = dict(variables)
+  trainable, froz = optim.split_frozen(variables.pop("params"), frozen)
+  state = state.replace(params=trainable, frozen=froz, extra=variables, opt_state=tx.init(trainable))
   return jax.device_put(state, shardings), shardings

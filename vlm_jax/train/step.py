@@ -1,8 +1,13 @@
 """The jitted training step shared by every objective.
 
-  rng_t = fold_in(rng, step);  outputs = model.apply(variables, batch, train=True)
+  rng_t = fold_in(rng, step);  outputs, extra' = model.apply(variables, batch, train=True, mutable=extra)
   (loss, metrics) = objective(outputs, batch);  g = ∇_θ loss   (θ = trainable leaves only)
-  finite(loss, g) ? θ ← optax_update(θ, g) : θ unchanged, skipped_steps += 1
+  finite(loss, g) ? (θ, extra) ← (optax_update(θ, g), extra') : both unchanged, skipped_steps += 1
+
+Collections other than `params` (`state.extra`, e.g. BatchNorm `batch_stats`) are mutable in training: a ResNet
+with `train_batch_stats=True` normalises with the statistics of the global batch (under jit, the batch mean of
+an array sharded over the data axes is a cross-device reduction: synchronised BatchNorm for free) and returns
+updated running averages, which the step keeps; statistics under a `config.frozen` path stay as they are.
 
 Gradient accumulation splits the global batch into `grad_accum_steps` micro-batches (strided, so every
 micro-batch still spans all data-parallel devices), averages their gradients and metrics, then updates once.
@@ -11,14 +16,17 @@ Note that contrastive objectives then see the negatives of one micro-batch only.
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vlm_jax.parallel import mesh as mesh_lib
 from vlm_jax.parallel.mesh import BATCH_AXES
 from vlm_jax.train import optim
 from vlm_jax.train.state import TrainState
@@ -35,15 +43,32 @@ def _microbatches(batch: dict, accum: int, mesh) -> dict:
   return jax.tree.map(split, batch)
 
 
-def make_train_step(model: nn.Module, loss_fn: LossFn, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, accum_steps: int = 1, mesh, rules) -> Callable:
-  """Returns `step(state, batch) -> (state, metrics)` (not yet jitted; the loop jits it with shardings)."""
+def _keep_frozen(new_extra: dict, old_extra: dict, frozen: str | None) -> dict:
+  """`new_extra` with the leaves under a `frozen` path (within each collection) taken from `old_extra`."""
+  if not frozen or not old_extra:
+    return new_extra
+  rx = re.compile(frozen)
+  out = {}
+  for collection, tree in new_extra.items():
+    new = traverse_util.flatten_dict(tree, sep="/")
+    old = traverse_util.flatten_dict(old_extra[collection], sep="/")
+    out[collection] = traverse_util.unflatten_dict(
+        {k: old[k] if rx.search(k) else v for k, v in new.items()}, sep="/")
+  return out
 
-  def loss_of(trainable, state: TrainState, batch: dict, rng: jax.Array):
+
+def make_train_step(model: nn.Module, loss_fn: LossFn, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, accum_steps: int = 1, mesh, rules,
+                    frozen: str | None = None) -> Callable:
+  """Returns `step(state, batch) -> (state, metrics)` (not yet jitted: see `jit_train_step`)."""
+
+  def loss_of(trainable, extra, state: TrainState, batch: dict, rng: jax.Array):
     k_drop, k_mask = jax.random.split(rng)
-    variables = {"params": optim.merge_params(trainable, state.frozen), **state.extra}
-    outputs = model.apply(variables, batch, train=True, rngs={"dropout": k_drop, "mask": k_mask})
-    return loss_fn(outputs, batch)
+    variables = {"params": optim.merge_params(trainable, state.frozen), **extra}
+    outputs, new_extra = model.apply(variables, batch, train=True, rngs={"dropout": k_drop, "mask": k_mask},
+                                     mutable=list(extra))
+    loss, metrics = loss_fn(outputs, batch)
+    return loss, (metrics, dict(new_extra))
 
   grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
@@ -51,25 +76,26 @@ def make_train_step(model: nn.Module, loss_fn: LossFn, tx: optax.GradientTransfo
     with nn.logical_axis_rules(rules):
       rng = jax.random.fold_in(state.rng, state.step)
       if accum_steps == 1:
-        (loss, metrics), grads = grad_fn(state.params, state, batch, rng)
+        (loss, (metrics, extra)), grads = grad_fn(state.params, state.extra, state, batch, rng)
       else:
         micro = _microbatches(batch, accum_steps, mesh)
 
-        def body(carry, xs):
-          g_sum, l_sum, m_sum = carry
+        def body(carry, xs):  # running statistics are updated micro-batch after micro-batch
+          g_sum, l_sum, m_sum, ex = carry
           mb, i = xs
-          (l, m), g = grad_fn(state.params, state, mb, jax.random.fold_in(rng, i))
-          return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, jax.tree.map(jnp.add, m_sum, m)), None
+          (l, (m, ex)), g = grad_fn(state.params, ex, state, mb, jax.random.fold_in(rng, i))
+          return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, jax.tree.map(jnp.add, m_sum, m), ex), None
 
         zeros_g = jax.tree.map(jnp.zeros_like, state.params)
         first_mb = jax.tree.map(lambda x: x[0], micro)
-        _, m_shape = jax.eval_shape(lambda: loss_of(state.params, state, first_mb, rng))
+        _, (m_shape, _) = jax.eval_shape(lambda: loss_of(state.params, state.extra, state, first_mb, rng))
         zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
-        (grads, loss, metrics), _ = jax.lax.scan(
-            body, (zeros_g, jnp.zeros((), jnp.float32), zeros_m), (micro, jnp.arange(accum_steps)))
+        (grads, loss, metrics, extra), _ = jax.lax.scan(
+            body, (zeros_g, jnp.zeros((), jnp.float32), zeros_m, state.extra), (micro, jnp.arange(accum_steps)))
         grads = jax.tree.map(lambda g: g / accum_steps, grads)
         loss = loss / accum_steps
         metrics = jax.tree.map(lambda m: m / accum_steps, metrics)
+      extra = _keep_frozen(extra, state.extra, frozen)
 
     finite = optim.all_finite(loss, grads)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
@@ -77,6 +103,7 @@ def make_train_step(model: nn.Module, loss_fn: LossFn, tx: optax.GradientTransfo
     new_state = state.replace(
         step=state.step + 1,
         params=optim.select_tree(finite, new_params, state.params),
+        extra=optim.select_tree(finite, extra, state.extra),
         opt_state=optim.select_tree(finite, new_opt_state, state.opt_state),
         skipped_steps=state.skipped_steps + (1 - finite.astype(jnp.int32)))
     metrics = dict(metrics)
@@ -85,3 +112,12 @@ def make_train_step(model: nn.Module, loss_fn: LossFn, tx: optax.GradientTransfo
     return new_state, metrics
 
   return step
+
+
+def jit_train_step(model: nn.Module, loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                   state_shardings, *, mesh, rules, accum_steps: int = 1, frozen: str | None = None) -> Callable:
+  """The jitted step of the loop and of ahead-of-time compilation (`train/aot.py`): state in and out on
+  `state_shardings` (donated), metrics replicated."""
+  step = make_train_step(model, loss_fn, tx, schedule, accum_steps=accum_steps, mesh=mesh, rules=rules,
+                         frozen=frozen)
+  return jax.jit(step, out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=0)

@@ -1,4 +1,4 @@
-"""Shared config defaults and the `file.py:arg` parser used by every config file.
+"""The small config library every config file imports: shared defaults and the `file.py:arg` parser.
 
 Config files under `configs/` stay data: they call `base_config()` for the keys every entry point relies on and
 set values. `parse_arg('tiny')` / `parse_arg('img=B/16,txt=B,res=224', variant='tiny')` turns the text after
@@ -13,6 +13,13 @@ import math
 import ml_collections
 
 from vlm_jax.errors import UserError
+
+
+def plain(cfg) -> dict:
+  """A ConfigDict (or any mapping, or None) as a plain nested dict."""
+  if cfg is None:
+    return {}
+  return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -56,10 +63,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 0        # 0: evaluate only at the end
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 2
+  c.checkpoint_frozen = True    # False: frozen weights are not stored, rebuilt from config.init (runs.reference)
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
   c.partitioning = ml_collections.ConfigDict({"rules": None})  # None: vlm_jax.parallel.partitioning.DEFAULT_RULES
   c.frozen = ""                 # regex over '/'-joined parameter paths; matches get no gradient (LiT)
-  c.init = ml_collections.ConfigDict({"checkpoint": "", "params": "", "required": False})  # copy params from a run
+  # initialise from checkpoints (LiT, teachers, transfer): vlm_jax.runs.init; more sources in init.sources
+  c.init = ml_collections.ConfigDict({"checkpoint": "", "params": "", "rename": {}, "required": False,
+                                      "sources": ()})
   c.optimizer = ml_collections.ConfigDict({
       "name": "adamw", "lr": 1e-3, "b1": 0.9, "b2": 0.98, "eps": 1e-6, "weight_decay": 0.2,
       "wd_mask": r"(^|/)kernel$", "clip_norm": 1.0, "schedule": "cosine", "warmup_steps": 100,
@@ -120,7 +130,8 @@ def tiny_model(image_size: int = 32) -> ml_collections.ConfigDict:
   """A CPU-sized two-tower: a tiny CLIP ModifiedResNet (convolutions learn shape fast on CPU) and a small
   causal text transformer. (A conv-stem ViT of Xiao et al. 2021 reached ~40 % seen in the same time.)"""
   return ml_collections.ConfigDict({
-      "image": {"kind": "resnet", "variant": "tiny", "image_size": image_size},
+      # BatchNorm trains: batch statistics of the global batch, running averages for evaluation (CLIP's ResNets)
+      "image": {"kind": "resnet", "variant": "tiny", "image_size": image_size, "train_batch_stats": True},
       "text": {"kind": "text", "variant": "tiny", "width": 64, "depth": 2, "num_heads": 2, "mlp_dim": 256},
       "embed_dim": 64, "logit_scale_init": CLIP_LOGIT_SCALE_INIT, "logit_bias_init": None,
       "simclr_head": None, "flip_mask_ratio": 0.0, "scan": False, "remat": "none", "dtype": "float32",
@@ -192,3 +203,31 @@ def two_tower(arg: str | None, *, embed: int = 512):
     c.update(full_run(a.res))
     c.model = vit_text_model(a.img, a.txt, a.res, a.embed)
   return c, a
+
+
+MODEL_CONFIG_KEYS = ("model", "tokenizer", "data")
+
+
+def model_run_config(model_config) -> ml_collections.ConfigDict:
+  """The full run config of a model described by {'model', 'tokenizer', 'data', 'source'?, …} (a weight
+  converter's output): `base_config()` with `model`, `tokenizer` (replaced), `data` (merged: image_size, mean,
+  std) and `source`. A SigLIP model (one with a `logit_bias_init`) gets the sigmoid objective, so fine-tuning
+  from it uses the loss it was trained with. Any other key given wins."""
+  from vlm_jax.data import pipeline  # noqa: PLC0415
+  conv = plain(model_config)
+  missing = [k for k in MODEL_CONFIG_KEYS if k not in conv]
+  if missing:
+    raise ValueError(f"a model config needs the keys {list(MODEL_CONFIG_KEYS)}; missing {missing}")
+  unknown = sorted(set(plain(conv["data"])) - set(pipeline.DEFAULTS))
+  if unknown:
+    raise ValueError(f"model data options {unknown} are not data options; valid: {sorted(pipeline.DEFAULTS)}")
+  c = base_config()
+  c.model = ml_collections.ConfigDict(plain(conv.pop("model")))
+  c.tokenizer = ml_collections.ConfigDict(plain(conv.pop("tokenizer")))
+  c.data.update(plain(conv.pop("data")))
+  c.source = ml_collections.ConfigDict(plain(conv.pop("source", None)) or {})
+  if c.model.get("logit_bias_init") is not None:
+    c.objectives = ml_collections.ConfigDict({"siglip": 1.0})
+  for key, value in conv.items():
+    c[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+  return c

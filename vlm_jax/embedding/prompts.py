@@ -1,7 +1,7 @@
 """Prompt templates and per-class descriptions for zero-shot classification, read from data files.
 
 Templates (Radford et al. 2021, CLIP §3.1.4: "a photo of a {}." and ensembles of such prompts) live as package
-data in `vlm_jax/evaluate/templates/<name>.txt`, one template per line with `{}` where the class name goes
+data in `vlm_jax/embedding/templates/<name>.txt`, one template per line with `{}` where the class name goes
 (CLIP_benchmark's `{c}` is accepted too); lines starting with `#` are comments. Bundled sets:
 
   clip_imagenet   CLIP's 80-template ImageNet ensemble, verbatim
@@ -22,7 +22,7 @@ from typing import Sequence
 
 from vlm_jax.errors import UserError
 
-_PACKAGE = "vlm_jax.evaluate"
+_PACKAGE = "vlm_jax.embedding"
 _DIR = "templates"
 
 

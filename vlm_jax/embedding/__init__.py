@@ -1,0 +1,6 @@
+"""Embedding helpers shared by evaluation, inference, transfer and distillation (no training, no evaluators).
+
+  batched.py     `Embedder` / `apply_batched`: a model method over host arrays in fixed-size, mesh-sharded batches
+  prompts.py     prompt templates (package data under templates/) and CuPL-style descriptions
+  classifier.py  zero-shot class embeddings: the CLIP prompt ensemble
+"""

@@ -21,13 +21,16 @@ detectors).
 
 BatchNorm and collections: variables are `{'params', 'batch_stats'}`. `params` holds conv kernels, BN scale/bias
 and the attention pool; `batch_stats` holds every BN's running `mean`/`var` (PyTorch `running_mean`/`running_var`).
-By default BN always normalises with the running statistics (`use_running_average=True`, also when `train=True`),
-so `model.apply({'params': p, 'batch_stats': s}, images)` is pure, checkpoint conversion is exact, and training
-learns the BN scale/bias while the statistics stay frozen (CLIP fine-tuning practice; a model trained from
-scratch this way has mean 0 / var 1 statistics, i.e. BN is an affine layer). The training loop must carry
-`batch_stats` next to `params` (and give it no optimizer state). With `train_batch_stats=True`, `train=True`
-normalises with batch statistics and updates the running averages (PyTorch momentum 0.1); the caller then passes
-`mutable=['batch_stats']` and gets `(outputs, {'batch_stats': …})` back.
+Two modes, chosen by `train_batch_stats`:
+- True (pre-training from scratch; the `tiny` configs, as CLIP trained its ResNets): `train=True` normalises with
+  the statistics of the batch and updates the running averages (PyTorch momentum 0.1); the caller passes
+  `mutable=['batch_stats']` and gets `(outputs, {'batch_stats': …})` back. The training step does this for every
+  non-`params` collection. Under `jit` with the batch sharded over the mesh, the batch mean and variance are
+  cross-device reductions: the statistics are the global batch's (synchronised BatchNorm).
+- False (the default; converted checkpoints, fine-tuning with frozen statistics): BN always normalises with the
+  running statistics, also when `train=True`, so `model.apply({'params': p, 'batch_stats': s}, images)` is pure,
+  checkpoint conversion is exact, and training learns only the BN scale/bias.
+Evaluation (`train=False`) always uses the running statistics.
 
 Initialisation: convs He-normal (fan-in), the last BN of every block has scale 0 (each block starts as identity),
 attention projections normal(std = embed_dim ** -0.5), positional embedding normal(std = embed_dim ** -0.5),

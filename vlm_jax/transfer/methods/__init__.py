@@ -1,0 +1,103 @@
+"""Transfer methods: the registry and the contract every method module follows.
+
+A method is what is learned around a frozen base two-tower model (`vlm_jax.models.two_tower.TwoTower`), plus a
+pure loss. The transfer run (`vlm_jax.transfer.run`) knows no method: it builds one by name,
+
+  method = build_method(name, config.method, base_model=…, base_config=…, tokenizer=…, class_names=…,
+                        templates=…)
+
+and hands `method.module` / `method.loss_fn` to the one training loop (`vlm_jax.train.loop.train`) and
+`method.logits_fn` to evaluation.
+
+Registry: `METHODS` maps a config name to 'module:builder' (imported on first use, as `vlm_jax.objectives`).
+A builder has the signature
+
+  build(cfg: ConfigDict, *, base_model, base_config, tokenizer, class_names: list[str],
+        templates: tuple[str, ...], descriptions: list[tuple[str, ...]] | None = None) -> Method
+
+  cfg          `config.method` of the run (the method's hyper-parameters; `cfg.name` is the registry name)
+  base_model   the frozen TwoTower, built from the base run's config with its BatchNorm frozen
+               (`model.image.train_batch_stats = False` for a ResNet tower)
+  base_config  the base run's config (image size, tokenizer, …)
+  tokenizer    the base run's tokenizer (`tokenizer(list_of_str) -> int32 [N, L]`)
+  class_names  the classes the method is trained on (base classes in a base-to-novel run)
+  templates    hand-crafted prompt templates ('{}' = class name) of the dataset
+  descriptions optional CuPL-style sentences per class (`vlm_jax.embedding.prompts.load_descriptions`): the
+               hand-crafted text side (zero-shot head, KgCoOp / ProGrad targets) uses templates + descriptions
+
+  Method(module, loss_fn, logits_fn):
+    module     a Flax module holding the frozen base model as the submodule named `base` (its parameters live
+               under params 'base/…'; the run sets config.frozen = '^base/', initialises 'base/…' from the base
+               run with config.init.rename {'^base/': ''} and stores them by reference, checkpoint_frozen=False).
+               `module(batch, *, train) -> outputs dict` (the loop calls `module.apply(variables, batch,
+               train=True, mutable=[…])`); batch = {'image': float32 [B, H, W, 3] (normalised as the base run),
+               'label': int32 [B]}. Methods call the base with train=False (frozen BatchNorm statistics).
+    loss_fn    pure `loss_fn(outputs, batch) -> (scalar, metrics dict)` (for example cross-entropy of
+               outputs['logits'] against batch['label']); metrics are scalars.
+    logits_fn  `logits_fn(module, variables, images) -> [B, C]` class scores (via `module.apply`), what
+               evaluation calls, for any class list: evaluation on other classes (novel classes of a base-to-
+               novel run) rebuilds the method with those class names and the same trained variables, so
+               parameters must not depend on the number of classes unless the method is class-specific
+               (then novel evaluation is not defined for it and the protocol reports it as such).
+               Multi-label methods (DualCoOp) return per-class scores the same way.
+
+Shared pieces a method may use (in this package, no utils module):
+  prompting.py   `PromptText`: class names tokenised behind M context placeholders ('X X … X name.'), the
+                 splice of learned context vectors into the token embeddings (class-token position end, middle,
+                 front), `encode_prompts(base, ctx, …)` through `TwoTower.encode_text(embeddings=…,
+                 eot_positions=…)`, `zeroshot_weights(...)` (the CLIP prompt-ensemble head, fixed), `ce_loss`.
+
+Methods (paper + equation in each module's docstring):
+  zeroshot   no training: the CLIP prompt-ensemble classifier (Radford et al. 2021)
+  coop       CoOp (Zhou et al. 2022, IJCV)            cocoop   CoCoOp (Zhou et al. 2022, CVPR)
+  kgcoop     KgCoOp (Yao et al. 2023)                 prograd  ProGrad (Zhu et al. 2023)
+  vp         visual prompting (Bahng et al. 2022)    vpt      VPT shallow / deep (Jia et al. 2022)
+  maple      MaPLe (Khattak et al. 2023)             dualcoop DualCoOp (Sun et al. 2022), multi-label
+  plot       PLOT (Chen et al. 2023)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, NamedTuple
+
+from vlm_jax.errors import UserError
+
+
+class Method(NamedTuple):
+  module: Any                 # flax.linen.Module with the frozen base as submodule 'base'
+  loss_fn: Callable           # fn(outputs, batch) -> (scalar, metrics)
+  logits_fn: Callable         # fn(module, variables, images) -> [B, C]
+
+
+METHODS: dict[str, Any] = {
+    "zeroshot": "vlm_jax.transfer.methods.zeroshot:build",
+    "coop": "vlm_jax.transfer.methods.coop:build",
+    "cocoop": "vlm_jax.transfer.methods.cocoop:build",
+    "kgcoop": "vlm_jax.transfer.methods.kgcoop:build",
+    "prograd": "vlm_jax.transfer.methods.prograd:build",
+    "vp": "vlm_jax.transfer.methods.vp:build",
+    "vpt": "vlm_jax.transfer.methods.vpt:build",
+    "maple": "vlm_jax.transfer.methods.maple:build",
+    "dualcoop": "vlm_jax.transfer.methods.dualcoop:build",
+    "plot": "vlm_jax.transfer.methods.plot:build",
+}
+
+# methods that learn nothing: the run evaluates them without calling the training loop
+TRAINING_FREE = ("zeroshot",)
+
+
+def get_builder(name: str) -> Callable[..., Method]:
+  """The builder registered as `name` (its module imported on first use); `UserError` for an unknown name."""
+  if name not in METHODS:
+    raise UserError(f"unknown transfer method {name!r}; choose from {sorted(METHODS)}")
+  fn = METHODS[name]
+  if isinstance(fn, str):
+    module, attr = fn.split(":")
+    fn = METHODS[name] = getattr(importlib.import_module(module), attr)
+  return fn
+
+
+def build_method(name: str, cfg, **kwargs) -> Method:
+  """`get_builder(name)(cfg, **kwargs)` (see the module docstring for the keyword arguments)."""
+  return get_builder(name)(cfg, **kwargs)

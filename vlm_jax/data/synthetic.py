@@ -348,18 +348,8 @@ class SyntheticShapes:
     image = (img * 255.0 + 0.5).astype(np.uint8)
     if not masks:
       return {"image": image, "caption": scene.caption, "label": np.int32(scene.label)}
-    kmax = self.max_objects
-    classes = np.full((kmax,), -1, np.int32)
-    classes[:len(scene.classes)] = scene.classes
-    boxes = np.zeros((kmax, 4), np.float32)
-    for k in range(len(scene.classes)):
-      ys, xs = np.nonzero(inst == k + 1)
-      if len(xs):
-        boxes[k] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-    sem = np.where(inst > 0, classes[np.maximum(inst - 1, 0)] + 1, 0).astype(np.int32)
-    return {"image": image, "caption": scene.caption,
-            "label": np.int32(scene.label), "classes": classes, "boxes": boxes,
-            "instance_mask": inst, "semantic_mask": sem}
+    return {"image": image, "caption": scene.caption, "label": np.int32(scene.label), "instance_mask": inst,
+            **paint.instance_annotations(inst, scene.classes, self.max_objects)}
 
   def __getitem__(self, index: int) -> dict:
     return self.render(self.scene(int(index)))

@@ -162,3 +162,18 @@ def paint(img: np.ndarray, raster: np.ndarray, centre: tuple[float, float], diam
   col = np.asarray(rgb, np.float32) / 255.0
   img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - alpha) + alpha * col
   return (y0, y1, x0, x1), alpha[..., 0]
+
+
+def instance_annotations(inst: np.ndarray, classes, max_objects: int) -> dict[str, np.ndarray]:
+  """Padded per-object annotations from an instance map (0 = background, k + 1 = object k of `classes`):
+  'classes' int32 [K] (−1 = padding), 'boxes' float32 [K, 4] xyxy pixels (the tight box of the object's visible
+  pixels; zeros for an object fully covered by others), 'semantic_mask' int32 [H, W] (class + 1, 0 background)."""
+  out = np.full((max_objects,), -1, np.int32)
+  out[:len(classes)] = classes
+  boxes = np.zeros((max_objects, 4), np.float32)
+  for k in range(len(classes)):
+    ys, xs = np.nonzero(inst == k + 1)
+    if len(xs):
+      boxes[k] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+  semantic = np.where(inst > 0, out[np.maximum(inst - 1, 0)] + 1, 0).astype(np.int32)
+  return {"classes": out, "boxes": boxes, "semantic_mask": semantic}

@@ -164,18 +164,10 @@ class OpenVocabScenes:
       raster = paint.shape_mask(synthetic.SHAPES[c // N_COLOURS][0])
       (y0, y1, x0, x1), alpha = paint.paint(img, raster, centre, d, rgb, coords, ss)
       inst[y0:y1, x0:x1][alpha >= 0.5] = k + 1
-    kmax = self.max_objects
-    classes = np.full((kmax,), -1, np.int32)
-    classes[:len(layout.classes)] = layout.classes
-    boxes = np.zeros((kmax, 4), np.float32)
-    for k in range(len(layout.classes)):
-      ys, xs = np.nonzero(inst == k + 1)
-      boxes[k] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-    valid = classes >= 0
-    sem = np.where(inst > 0, classes[np.maximum(inst - 1, 0)] + 1, 0).astype(np.int32)
-    return {"image": (img * 255.0 + 0.5).astype(np.uint8), "caption": self.caption(layout), "classes": classes,
-            "boxes": boxes, "is_novel": valid & self._novel[np.maximum(classes, 0)], "valid": valid,
-            "instance_mask": inst, "semantic_mask": sem}
+    ann = paint.instance_annotations(inst, layout.classes, self.max_objects)
+    valid = ann["classes"] >= 0
+    return {"image": (img * 255.0 + 0.5).astype(np.uint8), "caption": self.caption(layout), **ann,
+            "is_novel": valid & self._novel[np.maximum(ann["classes"], 0)], "valid": valid, "instance_mask": inst}
 
   def training_view(self, element: dict) -> dict:
     """The 'train' view of an 'eval' element: base objects only, novel objects turned into background."""

@@ -37,6 +37,7 @@ FRAMEWORKS: dict[str, str] = {
     "mae": "vlm_jax.models.mae",
     "two_leg": "vlm_jax.models.two_leg",
     "one_tower": "vlm_jax.models.one_tower",
+    "detector": "vlm_jax.models.detection.detector",
 }
 _VARIANT_DECODERS = {"vit": variants.vit_variant, "resnet": variants.resnet_variant,
                      "text": variants.text_variant}

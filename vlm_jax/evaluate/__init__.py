@@ -47,6 +47,7 @@ KINDS = {
     "itm_rerank_synthetic": _lazy("itm_rerank", "synthetic_evaluator"),
     "filip_maps_synthetic": _lazy("filip_maps", "synthetic_evaluator"),
     "region_word_synthetic": _lazy("region_word", "synthetic_evaluator"),
+    "detection": _lazy("detection", "detection_evaluator"),
 }
 
 

@@ -231,3 +231,51 @@ def model_run_config(model_config) -> ml_collections.ConfigDict:
   for key, value in conv.items():
     c[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
   return c
+
+
+def transfer_config(arg: str | None, method: dict, **overrides) -> ml_collections.ConfigDict:
+  """A transfer run config (`python -m vlm_jax.transfer`): `base_config()` with the base model frozen under
+  'base/' and initialised from `init.checkpoint` (kept by reference), CoOp's recipe (SGD 2e-3, cosine, one
+  constant warmup epoch at 1e-5, batch 32), `method` as `config.method`, then `overrides`.
+
+  `arg`: 'tiny' (default: base = the `make demo` run workdirs/demo, synthetic shift task) or 'full' (no base
+  default: pass --config.init.checkpoint). Epoch counts are converted to steps by the run (`epochs`,
+  `warmup_epochs`, `eval_every_epochs`)."""
+  a = parse_arg(arg, variant="tiny")
+  if a.variant not in ("tiny", "full"):
+    raise UserError(f"unknown transfer variant {a.variant!r}; use tiny or full")
+  c = base_config()
+  c.method = ml_collections.ConfigDict(method)
+  c.dataset = "shifted_hues" if a.variant == "tiny" else "tfds:imagenet2012"
+  c.protocol = "few_shot"         # or 'base_to_novel'
+  c.shots = 16
+  c.seed = 1
+  c.val_shots = -1                # -1: min(shots, 4) per class, from the training split
+  c.test_per_class = 16           # synthetic tasks only
+  c.templates = ""                # '': the dataset's own; a bundled set name, a .txt path
+  c.descriptions = ""             # CuPL JSON {class: [sentences]}: added to the hand-crafted text side
+  c.flip = False                  # random horizontal flip in training
+  c.epochs = 10 if a.variant == "tiny" else 50
+  c.warmup_epochs = 1
+  c.eval_every_epochs = 1         # validation (model selection) schedule
+  c.select = "val"                # 'val': the best validation step; 'last'
+  c.eval_batch_size = 256
+  c.batch_size = 32
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 100
+  c.keep_checkpoints = 1
+  c.optimizer = ml_collections.ConfigDict({
+      "name": "sgd", "lr": 2e-3, "momentum": 0.9, "nesterov": False, "weight_decay": 5e-4,
+      "wd_mask": r"(^|/)(ctx|kernel)$", "clip_norm": 0.0, "schedule": "cosine", "warmup": "constant",
+      "warmup_lr": 1e-5, "warmup_steps": 0, "end_factor": 0.0, "grad_accum_steps": 1})
+  c.frozen = "^base/"
+  c.checkpoint_frozen = False
+  c.init = ml_collections.ConfigDict({
+      "checkpoint": "workdirs/demo" if a.variant == "tiny" else "", "params": "^base/",
+      "rename": {"^base/": ""}, "required": True, "sources": ()})
+  c.objectives = ml_collections.ConfigDict()
+  c.data = ml_collections.ConfigDict({"image_size": 0})   # 0: the base model's
+  c.evals = ml_collections.ConfigDict()
+  for key, value in overrides.items():
+    c[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+  return c

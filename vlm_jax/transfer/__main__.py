@@ -1,0 +1,48 @@
+"""Transfer entry point.
+
+  python -m vlm_jax.transfer --config=configs/transfer/coop.py:tiny --workdir=DIR \\
+      [--config.init.checkpoint=MODEL_DIR] [--config.dataset=NAME] [--config.shots=16] [--config.seed=1]
+
+Trains the method of `config.method` around a frozen base model and evaluates it (`vlm_jax.transfer.run`).
+Rerunning the same command resumes from the newest readable checkpoint in DIR. The last stdout line is one JSON
+object: method, dataset, shots, seed, zeroshot/top1, top1 (and base/top1, novel/top1, harmonic_mean).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from vlm_jax.cli import ConfigCommand
+from vlm_jax.errors import exit_on_user_error
+
+COMMAND = ConfigCommand("configs/transfer/coop.py:tiny")
+
+
+def summary(r: dict) -> str:
+  line = (f"{r['method']} on {r['dataset']} ({r['shots']} shots, seed {r['seed']}): top-1 {100 * r['top1']:.1f}% | "
+          f"zero-shot {100 * r['zeroshot/top1']:.1f}% | chance {100 * r['chance']:.1f}%")
+  if "harmonic_mean" in r:
+    line += f" | base {100 * r['base/top1']:.1f}% novel {100 * r['novel/top1']:.1f}% (H)"
+  return line
+
+
+@exit_on_user_error
+def run(argv: list[str] | None = None) -> dict:
+  from vlm_jax.parallel.mesh import maybe_initialize_distributed
+  config, flags = COMMAND.parse(list(sys.argv if argv is None else argv))
+  maybe_initialize_distributed()
+  from vlm_jax.transfer.run import transfer
+  result = transfer(config, flags["workdir"])
+  print(summary(result), flush=True)
+  print(json.dumps(result, sort_keys=True), flush=True)
+  return result
+
+
+def main() -> None:
+  """Console-script entry (`vlm-transfer`)."""
+  run()
+
+
+if __name__ == "__main__":
+  main()

@@ -9,7 +9,8 @@ import pytest
 
 from tests import pretrained
 
-MIN_SEEN_TOP1 = 0.25  # chance is 1/64 ≈ 0.016; the builds reach more (see tests/pretrained.py)
+# seen-pair zero-shot top-1 each fixture must reach; chance is 1/64 ≈ 0.016 (measured: tests/pretrained.py RUNS)
+MIN_SEEN_TOP1 = {"resnet": 0.4, "vit": 0.15}
 
 
 def zeroshot(run_dir: str) -> dict:
@@ -30,7 +31,7 @@ def test_fixture_is_a_working_model(kind, request):
   print(f"\n{kind} fixture {run_dir}: zero-shot top-1 seen {m['zeroshot/seen_top1']:.3f}, unseen "
         f"{m['zeroshot/unseen_top1']:.3f}, chance {m['zeroshot/chance']:.3f}; build {info}")
   assert m["zeroshot/chance"] == pytest.approx(1 / 64)
-  assert m["zeroshot/seen_top1"] >= MIN_SEEN_TOP1
+  assert m["zeroshot/seen_top1"] >= MIN_SEEN_TOP1[kind]
   assert m["zeroshot/unseen_top1"] > 4 * m["zeroshot/chance"]
 
 

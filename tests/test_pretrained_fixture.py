@@ -58,3 +58,37 @@ def test_hash_follows_the_config_and_code(tmp_path, monkeypatch):
   h1 = pretrained.code_hash(c)
   (tmp_path / "vlm_jax" / "models" / "m.py").write_text("x = 2\n")
   assert pretrained.code_hash(c) != h1
+
+
+FAKE_BUILD = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from tests import pretrained
+def fake_build(c, workdir, quiet=True):
+  with open(os.path.join(os.environ["VLM_JAX_CACHE"], "builds.txt"), "a") as f:
+    f.write(f"{{os.getpid()}}\\n")
+  time.sleep(2)
+  os.makedirs(os.path.join(workdir, "checkpoints", "1"))
+  return {{"zeroshot/seen_top1": 0.5}}
+pretrained.build = fake_build
+print(pretrained.pretrained_run("resnet"))
+"""
+
+
+def test_concurrent_callers_build_once(tmp_path):
+  """Processes asking at once (pytest-xdist workers): one builds under the lock, the others wait and reuse it;
+  a stale temporary directory of a dead build is removed."""
+  import subprocess
+  import sys
+  env = {**os.environ, "VLM_JAX_CACHE": str(tmp_path)}
+  stale = pretrained.run_dir("resnet").replace(pretrained.cache_root(), str(tmp_path / "pretrained")) + ".tmp-1"
+  os.makedirs(stale)
+  code = FAKE_BUILD.format(root=pretrained.ROOT)
+  procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+           for _ in range(3)]
+  outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+  assert all(p.returncode == 0 for p in procs)
+  assert len(set(outs)) == 1 and os.path.isdir(os.path.join(outs[0], "checkpoints", "1"))
+  assert len((tmp_path / "builds.txt").read_text().split()) == 1
+  assert not os.path.exists(stale)
+  assert pretrained.build_info(outs[0])["zeroshot"] == {"zeroshot/seen_top1": 0.5}

@@ -19,7 +19,8 @@ complete. An fcntl lock file (`<dir>.lock`) makes exactly one process (one pytes
 others wait for it. Each build records `fixture_build.json` (wall and CPU seconds, load average, its zero-shot
 numbers; `build_info`). Measured on the 2-core CPU while 4 other agents loaded it (load average 9 → 32):
 ResNet 1,248 s wall, 374 CPU-seconds (≈ 3–3.5 min on 2 idle cores), seen / unseen zero-shot top-1 0.93 / 0.62
-(chance 0.016). The shards of its data config are rendered once (≈ 15 s) and shared with the ViT build.
+(chance 0.016); the ViT (same code but before the BatchNorm change, load 9 → 16): 686 s wall, seen / unseen
+0.29 / 0.23. The shards of their data config are rendered once (≈ 15 s) and shared by both builds.
 Prebuild both without pytest:
 
   .venv/bin/python -m tests.pretrained            # or: .venv/bin/python tests/pretrained.py [resnet|vit]

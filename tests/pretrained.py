@@ -9,7 +9,7 @@ checkpoints/<step>/) that `vlm_jax.inference.load`, `python -m vlm_jax.evaluate 
   $VLM_JAX_CACHE/pretrained/<kind>-<hash>/
 
 where the hash covers the run config (JSON) and the source of the code that decides what a checkpoint contains
-and how the model trains: vlm_jax/models/*.py, vlm_jax/train/*.py, vlm_jax/runs/ (the run-directory layer),
+and how the model trains: vlm_jax/models/*.py, vlm_jax/train/*.py, vlm_jax/assembly.py, vlm_jax/runs/,
 vlm_jax/data/synthetic*.py. Edit any of them and the next call retrains; otherwise every call (and every later
 test session: conftest keeps VLM_JAX_CACHE in the system temp dir) reuses it in milliseconds.
 

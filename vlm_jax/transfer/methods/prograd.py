@@ -68,6 +68,8 @@ class ProGrad(coop.CoOp):
     z_img = pr.image_embeddings(self.base, batch["image"])
     scale = self.base.logit_scale()
     c = emb.shape[0]
+    per_class = lambda v: v if v.ndim == 3 else jnp.broadcast_to(v[None], (c, *v.shape))  # noqa: E731
+    v_ce, v_kl = per_class(v_ce), per_class(v_kl)
     # both copies through the text tower in one batch of 2C prompts
     both = pr.encode_prompts(self.base, jnp.concatenate([emb, emb]), jnp.concatenate([index, index]),
                              jnp.concatenate([eot, eot]), jnp.concatenate([v_ce, v_kl]))

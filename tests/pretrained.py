@@ -8,7 +8,7 @@ checkpoints/<step>/) that `vlm_jax.inference.load`, `python -m vlm_jax.evaluate 
 
   $VLM_JAX_CACHE/pretrained/<kind>-<hash>/
 
-where the hash covers the run config (JSON) and the source of the code that decides what a checkpoint contains
+where the hash covers the run config (JSON) and the code (docstrings and comments excluded) that decides what a checkpoint contains
 and how the model trains: vlm_jax/models/*.py, vlm_jax/train/*.py, vlm_jax/assembly.py, vlm_jax/runs/,
 vlm_jax/data/synthetic*.py. Edit any of them and the next call retrains; otherwise every call (and every later
 test session: conftest keeps VLM_JAX_CACHE in the system temp dir) reuses it in milliseconds.
@@ -93,14 +93,26 @@ def config(kind: str, run: dict | None = None, vit_image: dict | None = None):
   return c
 
 
+def _code_only(source: str) -> str:
+  """The module's code without docstrings and comments (`ast.dump`): a documentation edit keeps the hash."""
+  import ast  # noqa: PLC0415
+  tree = ast.parse(source)
+  for node in ast.walk(tree):
+    body = getattr(node, "body", None)
+    if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(
+        getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
+      node.body = body[1:] or [ast.Pass()]
+  return ast.dump(tree)
+
+
 def code_hash(config_json: str) -> str:
-  """sha256 (12 hex digits) of the config JSON and the sources in HASHED_SOURCES."""
+  """sha256 (12 hex digits) of the config JSON and the code (not the docs) of the sources in HASHED_SOURCES."""
   h = hashlib.sha256(config_json.encode())
   for pattern in HASHED_SOURCES:
     for path in sorted(glob.glob(os.path.join(ROOT, pattern))):
       h.update(os.path.relpath(path, ROOT).encode())
-      with open(path, "rb") as f:
-        h.update(f.read())
+      with open(path) as f:
+        h.update(_code_only(f.read()).encode())
   return h.hexdigest()[:12]
 
 

@@ -53,6 +53,21 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(d)
 
 
+def optimizer_config(**overrides) -> ml_collections.ConfigDict:
+  """Every optimizer option (`vlm_jax.train.optim`), so each can be set from the command line, with `overrides`:
+  AdamW (b1, b2, eps) or SGD (momentum, nesterov), decay on `wd_mask` paths, global-norm clipping, warm-up
+  (linear from 0, or constant at `warmup_lr`) then `schedule`, per-group lr multipliers `lr_groups`
+  (((regex, multiplier), …), first match wins)."""
+  opt = {"name": "adamw", "lr": 1e-3, "b1": 0.9, "b2": 0.98, "eps": 1e-6, "momentum": 0.9, "nesterov": False,
+         "weight_decay": 0.2, "wd_mask": r"(^|/)kernel$", "clip_norm": 1.0, "schedule": "cosine",
+         "warmup": "linear", "warmup_lr": 1e-5, "warmup_steps": 100, "end_factor": 0.0, "lr_groups": (),
+         "grad_accum_steps": 1}
+  unknown = sorted(set(overrides) - set(opt))
+  if unknown:
+    raise UserError(f"unknown optimizer option(s) {unknown}; known: {sorted(opt)}")
+  return ml_collections.ConfigDict({**opt, **overrides})
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Keys shared by every entry point (pre-training, transfer, distillation)."""
   c = ml_collections.ConfigDict()
@@ -70,10 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   # initialise from checkpoints (LiT, teachers, transfer): vlm_jax.runs.init; more sources in init.sources
   c.init = ml_collections.ConfigDict({"checkpoint": "", "params": "", "rename": {}, "required": False,
                                       "sources": ()})
-  c.optimizer = ml_collections.ConfigDict({
-      "name": "adamw", "lr": 1e-3, "b1": 0.9, "b2": 0.98, "eps": 1e-6, "weight_decay": 0.2,
-      "wd_mask": r"(^|/)kernel$", "clip_norm": 1.0, "schedule": "cosine", "warmup_steps": 100,
-      "end_factor": 0.0, "grad_accum_steps": 1})
+  c.optimizer = optimizer_config()
   c.objectives = ml_collections.ConfigDict({"clip": 1.0})
   c.objective_hparams = ml_collections.ConfigDict()
   c.data = data_config(image_size=224)
@@ -98,10 +110,7 @@ def tiny_run() -> dict:
           augment={"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0), "flip": False},
           shuffle_buffer=2048, cycle_length=4, workers=0),
       tokenizer=ml_collections.ConfigDict({"name": "words", "context_length": 24}),  # the longest captions fit
-      optimizer=ml_collections.ConfigDict({
-          "name": "adamw", "lr": 1e-3, "b1": 0.9, "b2": 0.98, "eps": 1e-6, "weight_decay": 0.05,
-          "wd_mask": r"(^|/)kernel$", "clip_norm": 1.0, "schedule": "cosine", "warmup_steps": 100,
-          "end_factor": 0.0, "grad_accum_steps": 1}),
+      optimizer=optimizer_config(weight_decay=0.05),
       evals=synthetic_evals())
 
 
@@ -165,10 +174,7 @@ def full_run(res: int) -> dict:
       checkpoint_every_steps=2000, keep_checkpoints=3,
       data=data_config(name="shards", image_size=res, shuffle_buffer=10_000, cycle_length=8, workers=8),
       tokenizer=ml_collections.ConfigDict({"name": "clip_bpe", "context_length": 77}),
-      optimizer=ml_collections.ConfigDict({
-          "name": "adamw", "lr": 5e-4, "b1": 0.9, "b2": 0.98, "eps": 1e-6, "weight_decay": 0.2,
-          "wd_mask": r"(^|/)kernel$", "clip_norm": 1.0, "schedule": "cosine", "warmup_steps": 10_000,
-          "end_factor": 0.0, "grad_accum_steps": 1}),
+      optimizer=optimizer_config(lr=5e-4, warmup_steps=10_000),
       evals=ml_collections.ConfigDict())
 
 

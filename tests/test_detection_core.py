@@ -276,6 +276,11 @@ TINY = {"framework": "detector", "embed_dim": 16, "pyramid_channels": 16, "fc_di
         "rpn_batch_per_image": 32, "roi_batch_per_image": 16}
 
 
+def _INIT_KEY():  # noqa: N802
+  """rbg keys: the backbone's truncated-normal initialisers compile ~3× faster than with threefry on CPU."""
+  return jax.random.key(0, impl="rbg")
+
+
 def _gt(b):
   rng = np.random.default_rng(3)
   boxes = np.stack([_random_boxes(rng, 3, size=40.0) for _ in range(b)])
@@ -287,7 +292,7 @@ def _gt(b):
 def test_detector_vit_simple_pyramid_forward():
   model = build_model({**TINY, "image": {"kind": "vit", "variant": "tiny", "patch_size": 8, "image_size": 32}})
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
-  v = jax.jit(lambda x: model.init(jax.random.key(0), x))(x)
+  v = jax.jit(lambda x: model.init(_INIT_KEY(), x))(x)
   out = jax.jit(model.apply)(v, x)
   assert out["region_embeddings"].shape == (2, 16, 16) and out["boxes"].shape == (2, 16, 4)
   # ViTDet scales 4, 2, 1, ½ of the stride-8 grid (+ P6): strides 2, 4, 8, 16, 32
@@ -304,8 +309,8 @@ def test_detector_train_step_sharded_equals_single_device():
   b = 8
   x = jnp.asarray(np.random.default_rng(0).normal(size=(b, 64, 64, 3)), jnp.float32)
   gt = _gt(b)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
-  variables = nn.meta.unbox(jax.jit(lambda: model.init(jax.random.key(0), x))())
+  boxed = jax.eval_shape(lambda: model.init(_INIT_KEY(), x))
+  variables = nn.meta.unbox(jax.jit(lambda: model.init(_INIT_KEY(), x))())
 
   def loss_fn(params, rest, x, gt):
     out = model.apply({"params": params, **rest}, x, gt=gt, train=True, rng=jax.random.key(5))

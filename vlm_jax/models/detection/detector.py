@@ -23,7 +23,8 @@ Backbone: an image tower (ViT or CLIP ModifiedResNet) or a whole `TwoTower` (its
         rpn_loss, box_loss (scalars), losses {'rpn_objectness', 'rpn_box', 'box_reg', 'rpn_num_pos'}
 A pure loss takes out['rpn_loss'] + out['box_loss'] + its classification loss on region_embeddings against
 out['targets']['classes'] / ['weights']. Random choices (anchor and RoI sampling) use `rng` or else the 'mask'
-rng stream that the training loop provides.
+rng stream that the training loop provides. `init` skips proposals, sampling and losses (parameters only), so it
+compiles quickly; its output has only anchors, rpn_logits, rpn_deltas and the box head's outputs for one box.
 """
 
 from __future__ import annotations
@@ -127,6 +128,10 @@ class TwoStageDetector(nn.Module):
       raise UserError(f"the RPN head predicts {self.rpn.num_anchors} anchors per cell but the anchor sizes and "
                       f"ratios give {per_cell}")
     logits, deltas = self.rpn(maps)
+    if self.is_initializing():  # parameters only: one box per image creates the box head's (cheap to compile)
+      head = self._heads(maps, strides, jnp.tile(jnp.asarray([[[0.0, 0.0, *image_hw[::-1]]]]),
+                                                 (images.shape[0], 1, 1)), image_hw)
+      return {"anchors": anchors, "rpn_logits": logits, "rpn_deltas": deltas, **head}
     training = train and gt is not None
     props, scores, valid = rpn_lib.proposals(
         anchors, logits, deltas, image_hw, pre_nms=self.pre_nms_train if training else self.pre_nms_test,

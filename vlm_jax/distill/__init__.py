@@ -1,1 +1,33 @@
-"""vlm_jax.distill."""
+"""Distillation: open-vocabulary students trained from a frozen vision-language teacher.
+
+  python -m vlm_jax.distill --config=configs/distill/vild.py:tiny --workdir=DIR [--config.teacher.checkpoint=MODEL]
+
+Part 1, open-vocabulary detection (configs/distill/vild.py):
+  ViLD-text   (Gu et al. 2022) region embeddings vs the frozen normalised text embeddings of the base classes and a
+              learned background embedding, logits / τ, cross-entropy                       `method=vild_text`
+  ViLD-image  L1 between normalised region embeddings of cached proposals and the teacher's embeddings of their
+              1× and 1.5× crops; ViLD-ensemble at inference (weighted geometric mean)      `method=vild` (default)
+  PB-OVD      (Gao et al. 2022) pseudo boxes of the caption's novel objects from the teacher's MaskCLIP dense maps,
+              as extra ground truth                                                          `method=pseudo_boxes`
+  closed set  the baseline: a learned linear classifier over the base classes (novel AP 0 by construction),
+              trained beside every method (`config.baselines`) and reported as `closed_set/detection/…`
+
+Modules (each with its paper and equations):
+  run.py            distill(config, workdir): teacher → cached teacher outputs → student → the one loop → metrics
+  teacher.py        the frozen teacher (any vlm_jax run or converted CLIP/SigLIP): text, crop and dense embeddings
+  teacher_cache.py  proposals' crop embeddings cached on disk by teacher fingerprint + settings, resumable
+  vild.py           ViLD-text / ViLD-image losses, the ensemble, the loss function of a student
+  pseudo_boxes.py   PB-OVD pseudo boxes from captions and dense teacher maps
+  student.py        OpenVocabDetector: `models.detection`'s detector + the ViLD or closed-set classifier, `detect`
+  evaluation.py     COCO AP / AP50 / base and novel AP50 / APr (pycocotools), plots/detections.png, COCO JSON
+  data.py           synthetic scenes or COCO JSON + images (OVR-CNN 48/17 split), the grain training iterator
+
+Config keys (configs/distill/vild.py): teacher {checkpoint, templates, batch_size}; method {name, text_weight,
+image_weight (0: no ViLD-image), temperature τ, ensemble_weight λ, pseudo_boxes, detpro, top_k, max_detections,
+nms_iou}; proposals {kind, per_image, min_size, max_size, scales}; pseudo_boxes {scorer 'dense'|'crops',
+dense_size, temperature, max_boxes}; teacher_cache {dir ('' = $VLM_JAX_CACHE/distill_teacher), chunk};
+baselines; data {image_size, num_train, num_eval, seed, objects, p_novel, eval_split, coco, coco_eval,
+coco_split}; model (the detector: `vlm_jax.models.detection.detector.build`; image 'teacher' = the teacher's
+image tower); init.sources ('teacher' = config.teacher.checkpoint); frozen / checkpoint_frozen (the frozen backbone
+is kept by reference: `vlm_jax.runs.reference`); the usual run keys (batch_size, total_steps, optimizer, …).
+"""

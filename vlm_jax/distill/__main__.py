@@ -1,0 +1,51 @@
+"""Distillation entry point.
+
+  python -m vlm_jax.distill --config=configs/distill/vild.py:tiny --workdir=DIR [--config.teacher.checkpoint=MODEL]
+
+Trains the config's method and its baselines with the one training loop (`vlm_jax.distill.run.distill`) and prints,
+last, one JSON object of the final metrics (`detection/AP`, `detection/AP50`, `detection/AP50_base`,
+`detection/AP50_novel`, `detection/APr`, and `<baseline>/detection/…`). Rerunning the same command resumes.
+A missing teacher prints one line `error: …` (naming `make demo` and --config.teacher.checkpoint) and exits 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from vlm_jax.cli import ConfigCommand
+from vlm_jax.errors import exit_on_user_error
+
+COMMAND = ConfigCommand("configs/distill/vild.py:tiny")
+
+
+def summary(metrics: dict) -> list[str]:
+  """Human lines: base / novel AP50 of the method and of each baseline."""
+  lines = []
+  for prefix in sorted({k[:-len("detection/AP50_novel")] for k in metrics if k.endswith("detection/AP50_novel")}):
+    who = prefix.rstrip("/") or "method"
+    lines.append(f"{who}: AP50 base {100 * metrics[prefix + 'detection/AP50_base']:.1f} | novel "
+                 f"{100 * metrics[prefix + 'detection/AP50_novel']:.1f} | AP {100 * metrics[prefix + 'detection/AP']:.1f}")
+  return lines
+
+
+@exit_on_user_error
+def run(argv: list[str] | None = None) -> dict:
+  from vlm_jax.parallel.mesh import maybe_initialize_distributed
+  config, flags = COMMAND.parse(list(sys.argv if argv is None else argv))
+  maybe_initialize_distributed()
+  from vlm_jax.distill.run import distill
+  result = distill(config, flags["workdir"])
+  for line in summary(result):
+    print(line, flush=True)
+  print(json.dumps(result, sort_keys=True), flush=True)
+  return result
+
+
+def main() -> None:
+  """Console-script entry (`vlm-distill`): like `run`, but returns None so the exit status is 0."""
+  run()
+
+
+if __name__ == "__main__":
+  main()

@@ -3,7 +3,7 @@
 A generating model exposes `decode_memory(images) -> memory` and `decode_logits(ids, memory, decode=bool)`
 (see `vlm_jax.models.decoder`). Rows follow the tokenizer layout: `[SOT] w_1 … w_n [EOT] 0 …` of static length
 `max_len`; position 0 is SOT and each step feeds one token through the cached decoder (cost O(L) per step instead
-of re-running the prefix). The padding id 0 and SOT are never generated (the softmax is renormalised over the
+of re-running the prefix). The tokenizer's padding id (`pad_id`, 0 in the CLIP layout) and SOT are never generated (the softmax is renormalised over the
 other tokens). Everything is traced once per
 (model, max_len, beam settings) and batch shape by `make_generator` (`jax.jit`, static max length; the loop is a
 `lax.while_loop` that stops when every row has ended).
@@ -45,13 +45,18 @@ def _step_logits(model, variables, cache, tokens, memory, banned):
   return jax.nn.log_softmax(logits, axis=-1).at[:, banned].set(NEG_INF), mutated["cache"]
 
 
-def greedy(model, variables, images, *, max_len: int, sot_id: int, eot_id: int) -> jax.Array:
-  """Greedy decoding: ids int32 [B, max_len] (argmax token each step; zeros after EOT)."""
+def _banned(sot_id: int, eot_id: int, pad_id: int) -> jax.Array:
+  """Ids never generated: SOT and padding (unless padding is the EOT, as in SigLIP's layout)."""
+  return jnp.asarray(sorted({int(sot_id)} | ({int(pad_id)} if pad_id != eot_id else set())), jnp.int32)
+
+
+def greedy(model, variables, images, *, max_len: int, sot_id: int, eot_id: int, pad_id: int = 0) -> jax.Array:
+  """Greedy decoding: ids int32 [B, max_len] (argmax token each step; `pad_id` after EOT)."""
   memory = model.apply(variables, images, method="decode_memory")
   b = images.shape[0]
   cache = init_cache(model, variables, memory, b, max_len - 1)
-  ids = jnp.zeros((b, max_len), jnp.int32).at[:, 0].set(sot_id)
-  banned = jnp.asarray([0, sot_id], jnp.int32)
+  ids = jnp.full((b, max_len), pad_id, jnp.int32).at[:, 0].set(sot_id)
+  banned = _banned(sot_id, eot_id, pad_id)
 
   def cond(state):
     i, _, _, done = state
@@ -60,7 +65,7 @@ def greedy(model, variables, images, *, max_len: int, sot_id: int, eot_id: int) 
   def body(state):
     i, ids, cache, done = state
     logp, cache = _step_logits(model, variables, cache, ids[:, i], memory, banned)
-    nxt = jnp.where(done, 0, jnp.argmax(logp, axis=-1).astype(jnp.int32))
+    nxt = jnp.where(done, pad_id, jnp.argmax(logp, axis=-1).astype(jnp.int32))
     ids = jax.lax.dynamic_update_slice(ids, nxt[:, None], (0, i + 1))
     return i + 1, ids, cache, done | (nxt == eot_id)
 
@@ -68,8 +73,8 @@ def greedy(model, variables, images, *, max_len: int, sot_id: int, eot_id: int) 
   return jax.lax.while_loop(cond, body, state)[1]
 
 
-def beam_search(model, variables, images, *, max_len: int, sot_id: int, eot_id: int, beam_size: int = 4,
-                alpha: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def beam_search(model, variables, images, *, max_len: int, sot_id: int, eot_id: int, pad_id: int = 0,
+                beam_size: int = 4, alpha: float = 1.0) -> tuple[jax.Array, jax.Array]:
   """Length-normalised beam search (module docstring): (ids int32 [B, max_len], scores float32 [B])."""
   k = int(beam_size)
   memory = model.apply(variables, images, method="decode_memory")
@@ -80,7 +85,7 @@ def beam_search(model, variables, images, *, max_len: int, sot_id: int, eot_id: 
   alive_lp = jnp.full((b, k), NEG_INF, jnp.float32).at[:, 0].set(0.0)
   fin_seqs = jnp.zeros((b, k, max_len), jnp.int32)
   fin_scores = jnp.full((b, k), NEG_INF, jnp.float32)
-  banned = jnp.asarray([0, sot_id], jnp.int32)
+  banned = _banned(sot_id, eot_id, pad_id)
   norm = lambda n: jnp.power(n.astype(jnp.float32), alpha)  # noqa: E731
   rows = jnp.arange(b)[:, None]
 
@@ -116,15 +121,15 @@ def beam_search(model, variables, images, *, max_len: int, sot_id: int, eot_id: 
   return fin_seqs[jnp.arange(b), pick], fin_scores[jnp.arange(b), pick]
 
 
-def make_generator(model, *, max_len: int, sot_id: int, eot_id: int, beam_size: int = 1,
+def make_generator(model, *, max_len: int, sot_id: int, eot_id: int, pad_id: int = 0, beam_size: int = 1,
                    alpha: float = 1.0, out_shardings=None) -> Callable:
   """jit-compiled `fn(variables, images) -> ids int32 [B, max_len]`: greedy (beam_size 1) or beam search.
 
   `out_shardings` (e.g. replicated over the mesh) is passed to `jax.jit`."""
   if beam_size <= 1:
-    fn = functools.partial(greedy, model, max_len=max_len, sot_id=sot_id, eot_id=eot_id)
+    fn = functools.partial(greedy, model, max_len=max_len, sot_id=sot_id, eot_id=eot_id, pad_id=pad_id)
   else:
     def fn(variables, images):
-      return beam_search(model, variables, images, max_len=max_len, sot_id=sot_id, eot_id=eot_id,
+      return beam_search(model, variables, images, max_len=max_len, sot_id=sot_id, eot_id=eot_id, pad_id=pad_id,
                          beam_size=beam_size, alpha=alpha)[0]
   return jax.jit(fn) if out_shardings is None else jax.jit(fn, out_shardings=out_shardings)

@@ -46,7 +46,9 @@ def _generator(model, tokenizer, o: dict, mesh) -> Callable:
   if getattr(tokenizer, "sot_id", None) is None:
     raise UserError("captioning needs a tokenizer with a start-of-text token (rows [SOT] … [EOT])")
   max_len = int(o["max_len"] or tokenizer.context_length)
+  pad_id = getattr(tokenizer, "pad_id", None)
   gen = decoding.make_generator(model, max_len=max_len, sot_id=int(tokenizer.sot_id), eot_id=int(tokenizer.eot_id),
+                                pad_id=0 if pad_id is None else int(pad_id),
                                 beam_size=int(o["beam_size"]), alpha=float(o["alpha"]),
                                 out_shardings=mesh_lib.replicated(mesh))
 

@@ -46,6 +46,8 @@ setup(
             "vlm-pretrain=vlm_jax.pretrain:main",
             "vlm-evaluate=vlm_jax.evaluate.cli:main",
             "vlm-convert=vlm_jax.convert:main",
+            "vlm-transfer=vlm_jax.transfer.__main__:main",
+            "vlm-distill=vlm_jax.distill.__main__:main",
             "vlm-make-shards=vlm_jax.data.make_shards:main",
             "vlm-train-tokenizer=vlm_jax.data.train_tokenizer:main",
         ],

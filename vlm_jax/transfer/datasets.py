@@ -25,9 +25,11 @@ final evaluation (`Dataset.load('test')`; a test instruments it).
 Base-to-novel (CoCoOp, Zhou et al. 2022): the base classes of a dataset are the first ⌈C/2⌉ classes in label
 order, the novel classes the rest — a fixed list per dataset (`base_novel`), documented in README.
 
-Bundled files (package data, `vlm_jax/transfer/data/`): `<dataset>_classnames.txt` and `<dataset>_templates.txt`
-for CoOp's 11 datasets (imagenet, caltech101, oxford_pets, stanford_cars, oxford_flowers, food101,
-fgvc_aircraft, sun397, dtd, eurosat, ucf101); `templates=''` picks the dataset's own.
+Per-dataset files (package data, `vlm_jax/transfer/data/`): `<dataset>_classnames.txt` and
+`<dataset>_templates.txt` are looked up for `folder:` and `tfds:` datasets and win over the folder / ClassLabel
+names and the generic templates when present. The files for CoOp's 11 datasets (imagenet, caltech101,
+oxford_pets, stanford_cars, oxford_flowers, food101, fgvc_aircraft, sun397, dtd, eurosat, ucf101) are not shipped
+yet; until they are, class names come from the folders / tfds and templates are the generic set.
 """
 
 from __future__ import annotations

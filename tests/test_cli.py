@@ -42,3 +42,12 @@ def test_unwritable_workdir(tmp_path):
 def test_missing_workdir_flag():
   r = th.run_cli([sys.executable, "-m", "vlm_jax.pretrain", "--config=configs/pretrain/clip.py:tiny"], timeout=120)
   _assert_user_error(r, "--workdir")
+
+
+def test_config_command_takes_overrides_from_the_given_argv():
+  """In-process parsing (tests, notebooks): `--config.key=value` overrides come from the argv given, not sys.argv."""
+  from vlm_jax.cli import ConfigCommand
+  command = ConfigCommand("configs/pretrain/clip.py:micro")
+  config, flags = command.parse(["prog", "--config=configs/pretrain/clip.py:micro", "--workdir=/tmp/w",
+                                 "--config.total_steps=7", "--config.optimizer.name=sgd"])
+  assert config.total_steps == 7 and config.optimizer.name == "sgd" and flags["workdir"] == "/tmp/w"

@@ -12,6 +12,7 @@ traceback from inside the config file.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Mapping
 
 from absl import flags
@@ -50,10 +51,13 @@ class ConfigCommand:
   def parse(self, argv: list[str]):
     """(config, {'workdir': …, **extra}) from `argv` (argv[0] is the program name)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    saved, sys.argv = sys.argv, list(argv)  # config_flags finds the --config.key overrides in sys.argv
     try:
       self.values(list(argv))
     except Exception as e:  # flags and --config.key=value overrides are user input
       raise _user_error(e, "bad command line: ") from None
+    finally:
+      sys.argv = saved
     values = {name: self.values[name].value for name in ["workdir", *self.extra]}
     if self.workdir_required and values["workdir"] is None:
       raise UserError("--workdir is required")

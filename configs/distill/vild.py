@@ -3,7 +3,6 @@
   python -m vlm_jax.distill --config=configs/distill/vild.py:tiny --workdir=DIR [--config.teacher.checkpoint=MODEL]
   --config=configs/distill/vild.py:tiny,method=vild_text      ViLD-text only (no image distillation)
   --config=configs/distill/vild.py:tiny,method=pseudo_boxes   ViLD + PB-OVD pseudo boxes from captions
-  --config=configs/distill/vild.py:tiny,method=detpro         ViLD-text with a DetPro-style learned background prompt
   --config.data.coco=ANNOTATIONS.json:IMAGES_DIR              COCO-format data (OVR-CNN 48/17 split)
 
 `tiny`: the embedded synthetic scenes (64 px, novel objects unlabelled in training), the `make demo` run as the
@@ -17,10 +16,9 @@ import ml_collections
 from vlm_jax import config_lib as cb
 
 METHODS = {  # name -> method settings (image_weight 0: no ViLD-image; pseudo_boxes: PB-OVD targets)
-    "vild": {"image_weight": 0.5, "pseudo_boxes": False, "detpro": False},
-    "vild_text": {"image_weight": 0.0, "pseudo_boxes": False, "detpro": False},
-    "pseudo_boxes": {"image_weight": 0.5, "pseudo_boxes": True, "detpro": False},
-    "detpro": {"image_weight": 0.0, "pseudo_boxes": False, "detpro": True},
+    "vild": {"image_weight": 0.5, "pseudo_boxes": False},
+    "vild_text": {"image_weight": 0.0, "pseudo_boxes": False},
+    "pseudo_boxes": {"image_weight": 0.5, "pseudo_boxes": True},
 }
 
 
@@ -56,7 +54,7 @@ def get_config(arg=None):
   c.frozen = r"^detector/backbone/"
   c.checkpoint_frozen = False       # the frozen backbone is the teacher's: kept by reference, not copied
   c.batch_size = 16
-  c.total_steps = 600
+  c.total_steps = 400
   c.log_every_steps = 20
   c.eval_every_steps = 0
   c.checkpoint_every_steps = 200

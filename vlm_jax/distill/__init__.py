@@ -23,7 +23,7 @@ Modules (each with its paper and equations):
   data.py           synthetic scenes or COCO JSON + images (OVR-CNN 48/17 split), the grain training iterator
 
 Config keys (configs/distill/vild.py): teacher {checkpoint, templates, batch_size}; method {name, text_weight,
-image_weight (0: no ViLD-image), temperature τ, ensemble_weight λ, pseudo_boxes, detpro, top_k, max_detections,
+image_weight (0: no ViLD-image), temperature τ, ensemble_weight λ, pseudo_boxes, top_k, max_detections,
 nms_iou}; proposals {kind, per_image, min_size, max_size, scales}; pseudo_boxes {scorer 'dense'|'crops',
 dense_size, temperature, max_boxes}; teacher_cache {dir ('' = $VLM_JAX_CACHE/distill_teacher), chunk};
 baselines; data {image_size, num_train, num_eval, seed, objects, p_novel, eval_split, coco, coco_eval,

@@ -181,7 +181,7 @@ def baseline_config(config, name: str) -> ml_collections.ConfigDict:
     raise UserError(f"unknown baseline {name!r}; available: closed_set")
   c = ml_collections.ConfigDict(config_lib.plain(config))
   c.name = name
-  c.method.image_weight, c.method.pseudo_boxes, c.method.detpro = 0.0, False, False
+  c.method.image_weight, c.method.pseudo_boxes = 0.0, False
   return c
 
 

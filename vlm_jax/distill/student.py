@@ -75,8 +75,8 @@ class OpenVocabDetector(nn.Module):
     if "targets" in out:
       out["labels"] = out["targets"]["classes"] + 1
       out["label_weights"] = out["targets"]["weights"]
-    if extra is not None:
-      out["image_embeddings"] = self.image_proj(out["extra_region_features"])
+    if extra is not None:  # (the detector's init returns no extra_* outputs: the head is built on its features)
+      out["image_embeddings"] = self.image_proj(out.get("extra_region_features", out["region_features"]))
     return out
 
   def logits(self, embeddings, features, *, mask=None):

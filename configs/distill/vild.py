@@ -63,13 +63,14 @@ def get_config(arg=None):
       "wd_mask": r"(^|/)kernel$", "clip_norm": 1.0, "schedule": "cosine", "warmup_steps": 50, "end_factor": 0.0,
       "grad_accum_steps": 1})
   c.objectives = ml_collections.ConfigDict()
-  c.evals = ml_collections.ConfigDict({"detection": {"kind": "detection", "num_images": 128}})
+  c.evals = ml_collections.ConfigDict({"detection": {"kind": "detection", "num_images": 128,
+                                                   "batch_size": 16}})
   if a.variant == "micro":
     c.data.num_train, c.data.num_eval = 64, 32
     c.total_steps, c.batch_size, c.log_every_steps, c.checkpoint_every_steps = 40, 8, 5, 10
     c.optimizer.warmup_steps = 5
     c.proposals.per_image = 8
-    c.evals.detection.num_images = 32
+    c.evals.detection.num_images, c.evals.detection.batch_size = 32, 8
     c.teacher_cache.chunk = 32
   elif a.variant != "tiny":
     raise cb.UserError(f"unknown variant {a.variant!r} of configs/distill/vild.py; use tiny or micro")

@@ -176,3 +176,113 @@ def test_frozen_base_bit_identical_after_training_steps(micro):
     moved = [k for k, x in traverse_util.flatten_dict(before, sep="/").items()
              if not np.array_equal(x, traverse_util.flatten_dict(after, sep="/")[k])]
     assert moved, f"{name}: no trainable parameter changed"
+
+
+# --- behaviour on the pretrained ViT fixture -------------------------------------------------------------------
+TASK = "unseen_compositions"  # 16 classes never seen as pairs in pre-training: zero-shot is well above chance
+                               # and imperfect on the ViT fixture (printed below)
+BEHAVIOUR = {  # overrides of each configs/transfer/<method>.py:tiny recipe
+    "vp": {}, "vpt": {}, "vpt_shallow": {"method.mode": "shallow"}, "maple": {}, "plot": {"method.iterations": 50},
+}
+# Measured (2-core CPU under load ~15-25, seed 1, 512 test images, zero-shot 0.783, chance 0.062): maple 0.797,
+# vp 0.783, plot 0.779, vpt (deep) 0.756 at 12 epochs; at 6 epochs (256 test images, zero-shot 0.793) vpt_shallow
+# 0.719. Only MaPLe beat zero-shot, by less than the test set's standard error: the criterion is not met yet.
+NOT_MET = pytest.mark.xfail(strict=False, reason="16-shot gain over zero-shot not reached on the tiny ViT fixture "
+                            "(numbers above BEHAVIOUR); recipes need tuning")
+
+
+def _transfer_config(name: str, base: str, overrides: dict):
+  method = name.split("_")[0]
+  c = th.load_config(f"configs/transfer/{method}.py", "tiny")
+  c.init.checkpoint = base
+  c.dataset, c.shots, c.seed, c.test_per_class = TASK, 16, 1, 32
+  c.epochs, c.eval_every_epochs, c.checkpoint_every_steps, c.log_every_steps = 12, 2, 10_000, 10_000
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@NOT_MET
+@pytest.mark.parametrize("name", sorted(BEHAVIOUR))
+def test_method_beats_zeroshot_at_16_shots(name, pretrained_vit, tmp_path):
+  from vlm_jax.transfer import run as run_lib
+  r = run_lib.transfer(_transfer_config(name, pretrained_vit, BEHAVIOUR[name]), str(tmp_path / name), quiet=True)
+  print(f"{name} on {TASK}, 16 shots ({r['train_images']} images, {r['steps']} steps): chance {r['chance']:.3f}, "
+        f"zero-shot top-1 {r['zeroshot/top1']:.3f}, {name} top-1 {r['top1']:.3f} (val {r['val/top1']:.3f})")
+  assert r["zeroshot/top1"] < 0.95, "zero-shot is not imperfect on this task: the comparison says nothing"
+  assert r["top1"] > r["zeroshot/top1"], r
+
+
+def _scenes(split: str, n: int, classes: np.ndarray, size: int):
+  from vlm_jax.data import synthetic_scenes
+  s = synthetic_scenes.scene_arrays(split, n, image_size=size, view="eval")
+  col = {int(c): i for i, c in enumerate(classes)}
+  labels = np.zeros((n, len(classes)), np.float32)
+  for i, row in enumerate(s["classes"]):
+    for c in row[row >= 0]:
+      labels[i, col[int(c)]] = 1.0
+  return s["image"], labels
+
+
+@pytest.mark.xfail(strict=False, reason="measured: DualCoOp mAP 0.151 vs zero-shot 0.238 (chance 0.072) after 120 "
+                   "steps on the tiny ViT fixture's patch tokens; not met yet")
+def test_dualcoop_beats_zeroshot_map_on_multi_object_scenes(pretrained_vit):
+  """DualCoOp (16 shots: training scenes until every class has 16 positives) against the zero-shot ensemble's
+  global-embedding scores on the multi-object scenes (2–4 objects of 48 classes), by mAP."""
+  import optax
+  from vlm_jax import runs
+  from vlm_jax.data import synthetic_scenes
+  from vlm_jax.evaluate.zeroshot import average_precision_per_class
+  from vlm_jax.train import optim
+  from vlm_jax.transfer import datasets, run as run_lib
+  base_cfg, tok, model, base_vars = run_lib.load_base(pretrained_vit)
+  size, mean, std = runs.image_transform(base_cfg)
+  split = synthetic_scenes.class_split()
+  classes = np.sort(np.concatenate([split["base"], split["novel"]]))
+  names = [synthetic_scenes.class_names()[c] for c in classes]
+  images, labels = _scenes("train", 400, classes, size)
+  enough = np.flatnonzero((np.cumsum(labels, 0) >= 16).all(1))
+  n_train = int(enough[0]) + 1 if len(enough) else len(labels)
+  x_train, y_train = datasets.normalize(images[:n_train], mean, std).astype(np.float32), labels[:n_train]
+  test_images, y_test = _scenes("test", 256, classes, size)
+  x_test = datasets.normalize(test_images, mean, std).astype(np.float32)
+  cfg = th.load_config("configs/transfer/dualcoop.py", "tiny")
+  kw = dict(base_model=model, base_config=base_cfg, tokenizer=tok, class_names=names,
+            templates=datasets.open_dataset(TASK, image_size=size).templates)
+  method = build_method("dualcoop", cfg.method, **kw)
+  zeroshot = build_method("zeroshot", cfg.method, **kw)
+  base = run_lib.nest_base(base_vars)  # every collection of the base under 'base' (a ResNet's batch_stats too)
+  init = method.module.init(jax.random.PRNGKey(0), {"image": x_train[:2]})
+  trainable = {k: v for k, v in partitioning.unbox(init["params"]).items() if k != "base"}
+  steps, batch = 120, 32
+  tx, _ = optim.make_optimizer(cfg.optimizer, steps)
+  opt_state = tx.init(trainable)
+
+  @jax.jit
+  def step(trainable, opt_state, x, y):
+    def loss(t):
+      b = {"image": x, "labels": y}
+      return method.loss_fn(method.module.apply({**base, "params": {**t, **base["params"]}}, b, train=True), b)[0]
+    value, g = jax.value_and_grad(loss)(trainable)
+    updates, opt_state = tx.update(g, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, value
+
+  rng = np.random.default_rng(0)
+  for _ in range(steps):
+    idx = rng.choice(n_train, batch, replace=False)
+    trainable, opt_state, value = step(trainable, opt_state, x_train[idx], y_train[idx])
+  scores = jax.jit(lambda v, x: method.logits_fn(method.module, v, x))
+  zs = jax.jit(lambda v, x: zeroshot.logits_fn(zeroshot.module, v, x))
+  dual = float(np.mean(average_precision_per_class(scores({**base, "params": {**trainable, **base["params"]}}, x_test),
+                                                   y_test)))
+  zero = float(np.mean(average_precision_per_class(zs(base, x_test), y_test)))
+  chance = float(np.mean(average_precision_per_class(rng.random(y_test.shape), y_test)))
+  print(f"dualcoop on {len(names)}-class scenes, {n_train} training scenes ({int(y_train.sum(0).min())}+ positives "
+        f"per class), {steps} steps: chance mAP {chance:.3f}, zero-shot mAP {zero:.3f}, DualCoOp mAP {dual:.3f} "
+        f"(final loss {float(value):.3f})")
+  assert zero < 0.95
+  assert dual > zero

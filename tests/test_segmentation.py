@@ -260,18 +260,19 @@ def _train_tiny_clip(steps: int, batch: int = 64, n_train: int = 4096, seed: int
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, steps // 10, steps), weight_decay=0.05)
 
   @jax.jit
-  def step(params, opt, batch):
-    def loss(p):
-      return loss_fn(model.apply({"params": p, **rest}, batch, train=True), batch)[0]
-    grads = jax.grad(loss)(params)
+  def step(params, rest, opt, batch):
+    def loss(p):  # BatchNorm trains (batch statistics, running averages updated), as in the demo
+      out, new_rest = model.apply({"params": p, **rest}, batch, train=True, mutable=list(rest))
+      return loss_fn(out, batch)[0], new_rest
+    grads, rest = jax.grad(loss, has_aux=True)(params)
     updates, opt = tx.update(grads, opt, params)
-    return optax.apply_updates(params, updates), opt
+    return optax.apply_updates(params, updates), rest, opt
 
   opt = tx.init(params)
   rng = np.random.default_rng(seed)
   for _ in range(steps):
     idx = rng.integers(0, n_train, batch)
-    params, opt = step(params, opt, {"image": imgs[idx], "text": texts[idx]})
+    params, rest, opt = step(params, rest, opt, {"image": imgs[idx], "text": texts[idx]})
   return c, tokenizer, model, {"params": params, **rest}
 
 

@@ -2,6 +2,7 @@
 
   command = ConfigCommand("configs/pretrain/clip.py:tiny", workdir_help="…", extra={"checkpoint": "…"})
   config, flags = command.parse(sys.argv)       # every mistake is a one-line UserError (exit 2)
+  result = command.run(argv, fn, summary)       # parse, distributed init, fn(config, workdir), print JSON last
 
 Each command has its own absl `FlagValues`, so importing several entry points never collides. `--config` is an
 ml_collections config file (`file.py:arg`, overrides as `--config.key=value`); `--workdir` and the `extra` flags
@@ -11,9 +12,10 @@ traceback from inside the config file.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
-from typing import Mapping
+from typing import Callable, Mapping
 
 from absl import flags
 from ml_collections import config_flags
@@ -69,3 +71,17 @@ class ConfigCommand:
     except Exception as e:  # a config file is user input: any failure to load it is the user's to fix
       raise _user_error(e, "cannot load config: ") from None
     return config, values
+
+  def run(self, argv: list[str] | None, fn: Callable, summary: Callable | None = None) -> dict:
+    """The body of a training entry point: parse `argv` (default sys.argv), initialise multi-process JAX when
+    launched so, `result = fn(config, workdir)`, print `summary(result)`'s human lines, then the result as one
+    JSON line (the last line of stdout). Wrap the caller with `errors.exit_on_user_error`."""
+    from vlm_jax.parallel.mesh import maybe_initialize_distributed  # noqa: PLC0415
+    config, flags = self.parse(list(sys.argv if argv is None else argv))
+    maybe_initialize_distributed()
+    result = fn(config, flags["workdir"])
+    lines = summary(result) if summary is not None else None
+    for line in [lines] if isinstance(lines, str) else (lines or []):
+      print(line, flush=True)
+    print(json.dumps(result, sort_keys=True), flush=True)
+    return result

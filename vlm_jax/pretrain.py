@@ -8,9 +8,6 @@ loop (`vlm_jax.train.loop`). Rerunning the same command resumes from the newest 
 
 from __future__ import annotations
 
-import json
-import sys
-
 from vlm_jax.cli import ConfigCommand
 from vlm_jax.errors import exit_on_user_error
 
@@ -19,16 +16,8 @@ COMMAND = ConfigCommand("configs/pretrain/clip.py:tiny")
 
 @exit_on_user_error
 def run(argv: list[str] | None = None) -> dict:
-  from vlm_jax.parallel.mesh import maybe_initialize_distributed
-  config, flags = COMMAND.parse(list(sys.argv if argv is None else argv))
-  maybe_initialize_distributed()
   from vlm_jax import runner
-  result = runner.pretrain(config, flags["workdir"])
-  summary = zeroshot_summary(result)
-  if summary:
-    print(summary, flush=True)
-  print(json.dumps(result, sort_keys=True), flush=True)
-  return result
+  return COMMAND.run(argv, runner.pretrain, zeroshot_summary)
 
 
 def zeroshot_summary(metrics: dict) -> str | None:

@@ -10,9 +10,6 @@ A missing teacher prints one line `error: …` (naming `make demo` and --config.
 
 from __future__ import annotations
 
-import json
-import sys
-
 from vlm_jax.cli import ConfigCommand
 from vlm_jax.errors import exit_on_user_error
 
@@ -31,15 +28,8 @@ def summary(metrics: dict) -> list[str]:
 
 @exit_on_user_error
 def run(argv: list[str] | None = None) -> dict:
-  from vlm_jax.parallel.mesh import maybe_initialize_distributed
-  config, flags = COMMAND.parse(list(sys.argv if argv is None else argv))
-  maybe_initialize_distributed()
   from vlm_jax.distill.run import distill
-  result = distill(config, flags["workdir"])
-  for line in summary(result):
-    print(line, flush=True)
-  print(json.dumps(result, sort_keys=True), flush=True)
-  return result
+  return COMMAND.run(argv, distill, summary)
 
 
 def main() -> None:

@@ -10,9 +10,6 @@ object: method, dataset, shots, seed, zeroshot/top1, top1 (and base/top1, novel/
 
 from __future__ import annotations
 
-import json
-import sys
-
 from vlm_jax.cli import ConfigCommand
 from vlm_jax.errors import exit_on_user_error
 
@@ -29,14 +26,8 @@ def summary(r: dict) -> str:
 
 @exit_on_user_error
 def run(argv: list[str] | None = None) -> dict:
-  from vlm_jax.parallel.mesh import maybe_initialize_distributed
-  config, flags = COMMAND.parse(list(sys.argv if argv is None else argv))
-  maybe_initialize_distributed()
   from vlm_jax.transfer.run import transfer
-  result = transfer(config, flags["workdir"])
-  print(summary(result), flush=True)
-  print(json.dumps(result, sort_keys=True), flush=True)
-  return result
+  return COMMAND.run(argv, transfer, summary)
 
 
 def main() -> None:

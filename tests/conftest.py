@@ -19,6 +19,9 @@ def pytest_configure(config):
   config.addinivalue_line(
       "markers", "interop: parity with torch / open_clip / transformers (needs the interop extra; "
       "each test importorskips what it needs)")
+  config.addinivalue_line(
+      "markers", "faults: the slow part of the fault suite (tests/faults/), run by `make test-faults`, not by "
+      "`make test`")
 
 
 # --- the cached pretrained models (tests/pretrained.py): trained once per code version, reused by every test ---

@@ -26,6 +26,7 @@ import textwrap
 
 import fsspec
 import numpy as np
+from PIL import Image
 
 from vlm_jax.data import shards, transforms
 from vlm_jax.errors import UserError, exit_on_user_error
@@ -73,7 +74,9 @@ def scan(paths: list[str], *, keep: int = 16, limit: int | None = None) -> dict:
       else:
         try:
           img = transforms.decode_image(item.image)
-        except Exception:  # noqa: BLE001 — the pipeline's rule: any decoder failure is a corrupt image
+        except Image.DecompressionBombError:  # the pipeline's rule: refused from its header, counted apart
+          skipped["decompression_bomb"] += 1
+        except Exception:  # noqa: BLE001 — the pipeline's rule: any other decoder failure is a corrupt image
           skipped["corrupt_image"] += 1
         else:
           words.append(len(item.caption.split()))

@@ -21,6 +21,13 @@ worker, the shard-order position, the byte offset inside every open shard, the s
 augmentation counter, plus the cumulative skip counts — so a resumed run continues with exactly the samples an
 uninterrupted run would have seen. `stats()` returns {'data/skipped/<reason>': n} for metrics.jsonl.
 
+Bad data: a bad sample, a truncated tail or an unreadable shard is skipped and counted (`shards.SKIP_REASONS`)
+and the run goes on. A source that vanishes mid-run (all its shards deleted or unreadable) is counted as
+`unreadable_shard` skips while its stream tries the next shards, then stops the run with one `error:` line
+(`UserError`, exit 2), also when other sources of the mixture are still readable: going on without it would
+silently change the mixture's weights. Restore the shards and re-launch to resume exactly (from the last
+checkpoint), or drop the source from `data.shards` in a new run.
+
 The default dataset (data.name='synthetic', no data.shards) is the procedural one of `synthetic.py`, rendered
 once into tar shards by `synthetic_shards.ensure_shards` and streamed like any other. Preprocessing is exactly
 that of `transforms.py`: train images get `random_resized_crop(scale=augment.crop_scale, ratio=augment.crop_ratio,
@@ -176,9 +183,11 @@ class _DecodeSkipIterator(grain.DatasetIterator):
       try:
         ex = self._fn(el, self._count)
       except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        skipped[_REASON_INDEX["corrupt_image"]] += 1
-        if el["src"] not in self._warned:  # once per shard
-          self._warned.add(el["src"])
+        # a bomb is refused from its header (transforms.decode_image), before any pixel is allocated
+        bomb = isinstance(e, Image.DecompressionBombError)
+        skipped[_REASON_INDEX["decompression_bomb" if bomb else "corrupt_image"]] += 1
+        if (el["src"], bomb) not in self._warned:  # once per shard and kind
+          self._warned.add((el["src"], bomb))
           shards.log.warning("shard %s: skipping an undecodable image (%s: %s); further ones are counted, "
                              "not logged", el["src"], type(e).__name__, str(e)[:120])
         continue
@@ -260,7 +269,9 @@ class _CountSkips(grain.DatasetIterator):
 
   def set_state(self, state: dict) -> None:
     self._parent.set_state(state["pipeline"])
-    self.skipped = np.asarray(state["skipped"], np.int64)
+    saved = np.asarray(state["skipped"], np.int64)  # a checkpoint from before a reason was added has fewer
+    self.skipped = np.zeros(len(shards.SKIP_REASONS), np.int64)
+    self.skipped[:len(saved)] = saved
 
 
 def _absl_flags_ready() -> None:

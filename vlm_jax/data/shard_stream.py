@@ -6,6 +6,10 @@
                   that ends is replaced by the next one in the order
     state:        {'next': next draw in the order, 'turn': next slot, 'slots': [[draw, byte offset] | None]}
 
+A shard that cannot be opened (deleted, unreadable, not a tar) yields one `unreadable_shard` skip and the next
+shard is opened; after 2 × (shards) + `cycle_length` opens in a row without a single valid sample — every shard
+of this stream gone or bad — `__next__` raises a `UserError` instead of looping forever.
+
 The state is a few integers, so a checkpoint holds it exactly and `set_state` reopens each open shard by
 seeking to its byte offset (`shards.read_shard`): a resumed stream continues mid-epoch and mid-shard with
 exactly the elements an uninterrupted one would have produced. grain's worker processes (`mp_prefetch`) and the
@@ -103,7 +107,7 @@ class _ShardSamplesIterator(grain.DatasetIterator):
       if self._slots[slot] is None:
         if self._empty_opens > 2 * len(self._ds.paths) + self._k:
           raise UserError(f"no readable sample in any of {len(self._ds.paths)} shard(s), e.g. "
-                          f"{self._ds.paths[0]}")
+                          f"{self._ds.paths[0]}: missing, unreadable or only bad samples (deleted mid-run?)")
         self._slots[slot], self._readers[slot] = [self._next, 0], None
         self._next += 1
         self._empty_opens += 1

@@ -10,7 +10,9 @@ brace-expanded (`data-{00000..01023}.tar`, `{a,b}`) then, when it contains glob 
 fsspec. Any fsspec URL works (`gs://` needs the `gcs` extra, `s3://` s3fs, `https://` aiohttp).
 
 Reading (`read_shard`) streams member by member from an fsspec file object (`tarfile` stream mode); nothing is
-extracted to disk and member names are never used as filesystem paths. Every sample boundary carries a resume
+extracted to disk and member names are never used as filesystem paths: an absolute name or one with `..` is just
+a key. A member that is not a regular file is never read or followed: directories are ignored, and a sample with
+a symlink, hard link, device or FIFO member is skipped as `special_member`. Every sample boundary carries a resume
 position — the byte offset of its first member header — so a reader can restart mid-shard by seeking there.
 Problems never raise: a bad sample becomes a `Skip(reason)` and the stream goes on; a truncated or unreadable
 shard ends with one `Skip`. Each reason is logged once per shard.
@@ -38,7 +40,8 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Why a sample (or the rest of a shard) was skipped; metrics.jsonl logs `data/skipped/<reason>`.
 SKIP_REASONS = ("corrupt_image", "empty_member", "missing_image", "missing_caption", "empty_caption",
-                "bad_text", "bad_label", "truncated_shard", "unreadable_shard", "unreadable_file")
+                "bad_text", "bad_label", "truncated_shard", "unreadable_shard", "unreadable_file",
+                "special_member", "decompression_bomb")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +145,9 @@ def _split_name(name: str) -> tuple[str, str]:
   return name[:dot], name[dot + 1:].lower()
 
 
-def _assemble(key: str, members: dict[str, bytes], caption_field: str | None) -> Sample | Skip:
+def _assemble(key: str, members: dict[str, bytes | None], caption_field: str | None) -> Sample | Skip:
+  if any(v is None for v in members.values()):  # a link / device / FIFO member (never read, never followed)
+    return Skip("special_member", key)
   if any(len(v) == 0 for v in members.values()):
     return Skip("empty_member", key)
   image_ext = next((e for e in IMAGE_EXTS if e in members), None)
@@ -220,13 +225,14 @@ def read_shard(path: str, offset: int = 0, *, caption_field: str | None = None
       f.seek(offset)
       tar = tarfile.open(fileobj=f, mode="r|")
     except (OSError, tarfile.TarError, EOFError) as e:
-      reason = "truncated_shard" if offset or isinstance(e, (tarfile.TarError, EOFError)) else "unreadable_shard"
+      # at a resume offset the shard is shorter than when it was read: truncated; at 0 it is no tar at all
+      reason = "truncated_shard" if offset else "unreadable_shard"
       yield skip(Skip(reason, f"{type(e).__name__}: {e}"[:200])), -1
       return
     key, members = None, {}
     try:
       for info in tar:
-        if not info.isfile():
+        if info.isdir():
           continue
         k, ext = _split_name(info.name)
         if k != key:
@@ -234,6 +240,9 @@ def read_shard(path: str, offset: int = 0, *, caption_field: str | None = None
             item = _assemble(key, members, caption_field)
             yield (skip(item) if isinstance(item, Skip) else item), offset + info.offset
           key, members = k, {}
+        if not info.isfile():
+          members[ext] = None
+          continue
         data = tar.extractfile(info).read()
         if len(data) != info.size:
           raise EOFError("unexpected end of data")

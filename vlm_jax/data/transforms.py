@@ -1,6 +1,7 @@
 """Image preprocessing, documented exactly (papers lose points on silent resize differences).
 
-Decode (`decode_image`): Pillow; JPEGs are decoded in draft mode, which lets libjpeg scale by 1/2, 1/4 or 1/8
+Decode (`decode_image`): Pillow; an image that would decode to more than `PIL.Image.MAX_IMAGE_PIXELS` pixels
+(a decompression bomb) is refused from its header, before any pixel is allocated; JPEGs are decoded in draft mode, which lets libjpeg scale by 1/2, 1/4 or 1/8
 while decoding, to the smallest scale whose image still has both sides ≥ the requested size; every mode
 (grayscale, CMYK, palette, with or without alpha, 16-bit) becomes 8-bit RGB with `Image.convert('RGB')`
 (palette images with transparency go through RGBA first). Alpha is dropped, not composited, as open_clip does.
@@ -40,10 +41,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
-  """Decodes image bytes fully (raises on corrupt or truncated data); RGB. See the module docstring."""
+  """Decodes image bytes fully (raises on corrupt or truncated data); RGB. See the module docstring.
+
+  Raises `Image.DecompressionBombError` before decoding when the image would decode to more than
+  `Image.MAX_IMAGE_PIXELS` pixels (Pillow's limit, 89.5 M by default; measured after JPEG draft reduction):
+  only the header is read, so a small file declaring huge dimensions allocates nothing."""
   img = Image.open(io.BytesIO(data))
   if draft_size and img.format == "JPEG":
     img.draft("RGB", (int(draft_size), int(draft_size)))
+  limit = Image.MAX_IMAGE_PIXELS
+  if limit and img.size[0] * img.size[1] > limit:
+    raise Image.DecompressionBombError(f"{img.size[0]}x{img.size[1]} pixels exceed the limit of {limit} "
+                                       "(PIL.Image.MAX_IMAGE_PIXELS)")
   img.load()
   return to_rgb(img)
 

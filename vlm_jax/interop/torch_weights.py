@@ -1,9 +1,11 @@
 """Safe reading of PyTorch weight files into `{name: numpy array}` state dicts, without running their code.
 
 Three formats are read:
-- `.safetensors` (via the `safetensors` package; bfloat16 through its Flax reader, as numpy has no bfloat16);
+- `.safetensors` (via the `safetensors` package; bfloat16 through its Flax reader, as numpy has no bfloat16); a
+  header that lies about sizes or offsets is a `UserError`;
 - `torch.save` files (`.pt`, `.pth`, `.bin`; zip or legacy) via `torch.load(map_location='cpu',
-  weights_only=True)`, PyTorch's restricted unpickler, so no arbitrary object is ever unpickled;
+  weights_only=True)`, PyTorch's restricted unpickler, so no arbitrary object is ever unpickled (a pickle that
+  names any other global, e.g. `os.system` in a `__reduce__` payload, is a `UserError` and its code never runs);
 - TorchScript archives (OpenAI's original CLIP `.pt` files, made by `torch.jit.save`), which `torch.load` refuses
   with `weights_only=True` and `torch.jit.load` would execute. Here the archive's `data.pkl` is unpickled by
   `_ScriptUnpickler`, which resolves no global except an allow-list of tensor-rebuild functions (re-implemented
@@ -145,7 +147,18 @@ def read_torchscript(path: str) -> dict[str, np.ndarray]:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors import safe_open  # noqa: PLC0415
+  try:
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
+  except ImportError:
+    raise UserError(f"reading {path} needs the safetensors package (pip install 'vlm_jax[interop]')") from None
+  try:
+    return _read_safetensors_checked(path, safe_open)
+  except (SafetensorError, OSError, ValueError) as e:  # a header that lies about sizes / offsets, a cut file, …
+    why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    raise UserError(f"{path} is not a valid safetensors file ({why})") from None
+
+
+def _read_safetensors_checked(path: str, safe_open) -> dict[str, np.ndarray]:
   out, bf16 = {}, []
   with safe_open(path, framework="numpy") as f:
     for k in f.keys():
@@ -169,8 +182,15 @@ def _torch_load(path: str) -> Any:
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
+    # torch's message opens with advice to retry with weights_only=False (never do that on an untrusted file);
+    # the line naming the refused global is the useful one
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    why = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
     raise UserError(f"{path} holds objects other than tensors, which are not unpickled for safety "
-                    f"({str(e).splitlines()[0][:200]}); {EXPORT_HINT}") from None
+                    f"({why[:200]}); {EXPORT_HINT}") from None
+  except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:  # a cut or malformed file
+    why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    raise UserError(f"{path} is not a readable torch.save file ({why})") from None
 
 
 def _unwrap(obj: Any, path: str) -> dict:

@@ -33,19 +33,22 @@ def png_declaring(width: int, height: int) -> bytes:
 
 def png_bomb(width: int, height: int) -> bytes:
   """A valid 8-bit grayscale PNG of width × height zeros: megabytes of pixels in a file of ~width·height/1000
-  bytes (a real decompression bomb; Pillow decodes it fully unless refused)."""
-  comp, out = zlib.compressobj(9), []
+  bytes (a real decompression bomb; Pillow decodes it fully unless refused). Built fast: one chunk of rows is
+  deflated once, ending on a full flush (byte-aligned, no references back), and that block is repeated."""
   row = bytes(width + 1)  # filter byte 0 + the row
-  rows_per_chunk = max(1, (1 << 22) // len(row))
-  chunk = row * rows_per_chunk
-  left = height
-  while left:
-    n = min(left, rows_per_chunk)
-    out.append(comp.compress(chunk if n == rows_per_chunk else row * n))
-    left -= n
-  out.append(comp.flush())
+  per_chunk = max(1, min(height, (1 << 22) // len(row)))
+  n_chunks, rest = divmod(height, per_chunk)
+  comp = zlib.compressobj(9, zlib.DEFLATED, -15)  # raw deflate
+  block = comp.compress(row * per_chunk) + comp.flush(zlib.Z_FULL_FLUSH)
+  comp = zlib.compressobj(9, zlib.DEFLATED, -15)
+  last = comp.compress(row * rest) + comp.flush()  # the final block
+  adler = 1
+  for _ in range(n_chunks):
+    adler = zlib.adler32(row * per_chunk, adler)
+  adler = zlib.adler32(row * rest, adler)
+  idat = b"\x78\xda" + block * n_chunks + last + struct.pack(">I", adler)
   ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-  return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"".join(out))
+  return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
           + _png_chunk(b"IEND", b""))
 
 

@@ -240,12 +240,11 @@ def _run(script: str, *args: str) -> dict:
   return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.faults  # two subprocesses, ~10 s
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak-RSS reset needs Linux /proc")
 def test_decompression_bombs_are_skipped_counted_and_never_allocated(tmp_path):
   """Each bomb is refused from its header and counted as `decompression_bomb`; peak RSS of the reading process
-  (VmHWM, reset before reading) grows by far less than the smallest bomb's pixels (100 MB as 8-bit gray), while the control — Pillow decoding
-  that bomb unguarded — grows by at least that much."""
+  (VmHWM, reset before reading) grows by far less than the smallest bomb's pixels (100 MB as 8-bit gray), while
+  the control — Pillow decoding that bomb unguarded — grows by at least that much."""
   shard = str(tmp_path / "bombs.tar")
   sizes = _bomb_shard(shard)
   got = _run(_MEASURE, shard)
@@ -263,6 +262,21 @@ def test_decode_image_refuses_each_bomb_from_its_header(name):
   from vlm_jax.data import transforms  # noqa: PLC0415
   with pytest.raises(Image.DecompressionBombError):
     transforms.decode_image(BOMBS[name](), draft_size=32)
+
+
+def test_old_checkpoint_skip_counters_resume_with_the_new_reasons_at_zero(tmp_path):
+  """A data state saved before `special_member` / `decompression_bomb` existed (10 counters) still resumes."""
+  fx.write_clean(str(tmp_path), 2, 4)
+  data = {"shards": f"{tmp_path}/clean-*.tar", "image_size": 16, "shuffle_buffer": 0, "cycle_length": 1}
+  it = pipeline.make_train_iterator(data, global_batch_size=2, seed=0, tokenizer=TOK)
+  next(it)
+  state = it.get_state()
+  state["skipped"] = [7] + [0] * 9
+  it2 = pipeline.make_train_iterator(data, global_batch_size=2, seed=0, tokenizer=TOK)
+  it2.set_state(state)
+  next(it2)
+  stats = it2.stats()
+  assert stats["data/skipped/corrupt_image"] == 7 and stats["data/skipped/decompression_bomb"] == 0
 
 
 def test_the_limit_is_on_the_decoded_size(monkeypatch):

@@ -1,8 +1,9 @@
 """Image preprocessing, documented exactly (papers lose points on silent resize differences).
 
 Decode (`decode_image`): Pillow; an image that would decode to more than `PIL.Image.MAX_IMAGE_PIXELS` pixels
-(a decompression bomb) is refused from its header, before any pixel is allocated; JPEGs are decoded in draft mode, which lets libjpeg scale by 1/2, 1/4 or 1/8
-while decoding, to the smallest scale whose image still has both sides ≥ the requested size; every mode
+(a decompression bomb) is refused from its header, before any pixel is allocated; JPEGs are decoded in draft
+mode, which lets libjpeg scale by 1/2, 1/4 or 1/8 while decoding, to the smallest scale whose image still has
+both sides ≥ the requested size; every mode
 (grayscale, CMYK, palette, with or without alpha, 16-bit) becomes 8-bit RGB with `Image.convert('RGB')`
 (palette images with transparency go through RGBA first). Alpha is dropped, not composited, as open_clip does.
 

@@ -159,6 +159,24 @@ def test_source_vanishing_mid_run_stops_with_one_user_error(tmp_path):
   assert "\n" not in str(e.value)
 
 
+def test_part_of_a_source_vanishing_is_counted_and_the_mixture_goes_on(tmp_path):
+  """Two of B's four shards deleted mid-run: each failed open is an `unreadable_shard` skip, B's other shards
+  keep feeding the mixture, and the run never stops."""
+  spec, b_paths = two_sources(str(tmp_path))
+  it = pipeline.make_train_iterator(data_config(spec, cycle_length=2), global_batch_size=2, seed=0, tokenizer=TOK)
+  for _ in range(2):
+    next(it)
+  for p in b_paths[:2]:
+    os.remove(p)
+  with deadline(60):
+    labels = np.concatenate([next(it)["label"] for _ in range(200)])
+  b_seen = {int(x) for x in labels if x >= 1000}
+  print(f"B's samples seen in 400 after deleting half its shards: {sorted(b_seen)[:5]}…, "
+        f"unreadable_shard skips {it.stats()['data/skipped/unreadable_shard']}")
+  assert b_seen >= set(range(1010, 1020))  # B's remaining shards (samples 10-19) go on
+  assert it.stats()["data/skipped/unreadable_shard"] > 0
+
+
 def test_relaunch_after_a_source_vanished_is_one_user_error(tmp_path):
   """Between runs (the shards deleted after a checkpoint, then a resumed run builds its pipeline): the pattern
   of B matches nothing any more, which is the usual one-line `UserError` before any batch is read."""

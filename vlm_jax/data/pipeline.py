@@ -26,8 +26,8 @@ and the run goes on; so does a source that loses some of its shards mid-run (eac
 `unreadable_shard`, its remaining shards read as before). A source that vanishes mid-run (all its shards deleted
 or unreadable) is counted as `unreadable_shard` skips while its stream tries the next shards, then stops the run
 with one `error:` line (`UserError`, exit 2), also when other sources of the mixture are still readable: going on
-without it would silently change the mixture's weights. Restore the shards and re-launch to resume exactly (from the last
-checkpoint), or drop the source from `data.shards` in a new run.
+without it would silently change the mixture's weights. Restore the shards and re-launch to resume exactly (from
+the last checkpoint), or drop the source from `data.shards` in a new run.
 
 The default dataset (data.name='synthetic', no data.shards) is the procedural one of `synthetic.py`, rendered
 once into tar shards by `synthetic_shards.ensure_shards` and streamed like any other. Preprocessing is exactly

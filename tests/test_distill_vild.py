@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from tests import train_helpers as th
+from tests.faults import kill
 
 MICRO = "configs/distill/vild.py:micro"
 
@@ -130,18 +128,10 @@ def test_sigkill_then_resume_gives_identical_metrics(tmp_path, pretrained_resnet
   r = th.run_cli(_cmd(ref, pretrained_resnet, overrides=overrides), timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   wd = str(tmp_path / "run")
-  proc = subprocess.Popen(_cmd(wd, pretrained_resnet, overrides=overrides), cwd=th.ROOT, env=th.env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpts = os.path.join(wd, "checkpoints")
-  deadline = time.time() + 600
-  while time.time() < deadline and proc.poll() is None:
-    done = runs.steps(ckpts)
-    if done and max(done) >= 4:
-      proc.send_signal(signal.SIGKILL)
-      break
-    time.sleep(0.01)
-  proc.wait(timeout=60)
-  assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  proc = kill.start(_cmd(wd, pretrained_resnet, overrides=overrides))
+  assert kill.kill_when(proc, kill.checkpoint_reached(ckpts, 4), timeout=600), \
+      "the run finished before it could be killed"
   killed_at = runs.Checkpointer(ckpts).latest_step()
   assert killed_at is not None and 4 <= killed_at < 8, killed_at
   r = th.run_cli(_cmd(wd, pretrained_resnet, overrides=overrides), timeout=600)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import time
 
 from tests import shard_fixtures as fx
 from tests import train_helpers as th
+from tests.faults import kill
 from vlm_jax import runs
 
 
@@ -32,18 +30,9 @@ def test_sigkill_mid_shard_then_resume_gives_identical_metrics(tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
 
   wd = str(tmp_path / "run")
-  proc = subprocess.Popen(th.pretrain_cmd(wd, overrides=overrides), cwd=th.ROOT, env=th.env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpts = os.path.join(wd, "checkpoints")
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    done = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
-    if done and max(done) >= 8:
-      proc.send_signal(signal.SIGKILL)
-      break
-    time.sleep(0.01)
-  proc.wait(timeout=60)
-  assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  proc = kill.start(th.pretrain_cmd(wd, overrides=overrides))
+  assert kill.kill_when(proc, kill.checkpoint_reached(ckpts, 8)), "the run finished before it could be killed"
   killed_at = runs.Checkpointer(ckpts).latest_step()
   assert killed_at is not None and 8 <= killed_at < 40, killed_at
 

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +19,7 @@ import pytest
 from flax import traverse_util
 
 from tests import train_helpers as th
+from tests.faults import kill
 from vlm_jax import assembly, runs
 from vlm_jax.transfer import datasets, run as run_lib
 from vlm_jax.transfer.methods import build_method, prograd
@@ -193,17 +192,9 @@ def test_kill_9_resume_continues_identically(micro_dir, tmp_path):
   r = subprocess.run(cmd(ref), cwd=th.ROOT, env=th.env(), capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
   total = json.loads(r.stdout.strip().splitlines()[-1])["steps"]
-  proc = subprocess.Popen(cmd(wd), cwd=th.ROOT, env=th.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpts = os.path.join(wd, "checkpoints")
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    done = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
-    if done and max(done) >= 2:
-      proc.send_signal(signal.SIGKILL)
-      break
-    time.sleep(0.01)
-  proc.wait(timeout=60)
-  assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  proc = kill.start(cmd(wd))
+  assert kill.kill_when(proc, kill.checkpoint_reached(os.path.join(wd, "checkpoints"), 2)), \
+      "the run finished before it could be killed"
   r2 = subprocess.run(cmd(wd), cwd=th.ROOT, env=th.env(), capture_output=True, text=True, timeout=600)
   assert r2.returncode == 0, r2.stderr[-2000:]
   assert "resumed from" in r2.stdout

@@ -1,0 +1,117 @@
+"""`kill -9` a run at a chosen moment: the one helper of every SIGKILL test.
+
+  proc = kill.start(cmd, log=path)                       # the entry point, as `th.run_cli` runs it
+  killed = kill.kill_when(proc, kill.checkpoint_reached(ckpts, 8))
+  assert killed, "the run finished before it could be killed"
+
+A condition is a no-argument callable polled every few milliseconds; `kill_when` sends SIGKILL as soon as it
+holds and waits for the process, so the files on disk are exactly what a crash at that moment leaves. Conditions:
+`checkpoint_reached` (a finished step ≥ N exists), `metrics_reached` (the last metrics.jsonl line has step ≥ N),
+`save_in_flight` (orbax is writing a step > N into its temporary folder: an asynchronous save not yet
+renamed into place) and `after_seconds`. Used by tests/test_resume_shards.py, tests/test_transfer_prompts.py,
+tests/test_distill_vild.py and the fault suite (tests/faults/test_kills.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from typing import Callable
+
+from tests import train_helpers as th
+
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax writes step N into N.orbax-checkpoint-tmp…, renamed to N when done
+
+
+def start(cmd: list[str], *, log: str | None = None, devices: int = 8, **extra_env) -> subprocess.Popen:
+  """Starts an entry point as `th.run_cli` would, stdout and stderr to the file `log` (or discarded)."""
+  out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (the child keeps it; closed below)
+  try:
+    return subprocess.Popen(cmd, cwd=th.ROOT, env=th.env(devices, **extra_env), stdout=out,
+                            stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
+  finally:
+    if log:
+      out.close()
+
+
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], *, timeout: float = 300,
+              poll: float = 0.005) -> bool:
+  """SIGKILLs `proc` as soon as `ready()` holds; True when it was killed, False when it exited first.
+
+  Raises `TimeoutError` (after killing it) when neither happens within `timeout` seconds."""
+  deadline = time.time() + timeout
+  while proc.poll() is None:
+    if ready():
+      proc.send_signal(signal.SIGKILL)
+      break
+    if time.time() > deadline:
+      proc.kill()
+      proc.wait()
+      raise TimeoutError(f"no kill condition within {timeout} s: {proc.args}")
+    time.sleep(poll)
+  proc.wait(timeout=60)
+  return proc.returncode == -signal.SIGKILL
+
+
+def finished_steps(ckpts: str) -> list[int]:
+  """Step folders orbax has renamed into place (as `vlm_jax.runs.steps`), ascending."""
+  try:
+    names = os.listdir(ckpts)
+  except FileNotFoundError:
+    return []
+  return sorted(int(d) for d in names if d.isdigit() and os.path.isdir(os.path.join(ckpts, d, "state")))
+
+
+def tmp_steps(ckpts: str) -> list[int]:
+  """Steps with an orbax temporary folder (a save in flight, or one a kill interrupted), ascending."""
+  try:
+    names = os.listdir(ckpts)
+  except FileNotFoundError:
+    return []
+  return sorted(int(d.split(".")[0]) for d in names if TMP_SUFFIX in d and d.split(".")[0].isdigit())
+
+
+def last_logged_step(workdir: str) -> int:
+  """Step of the last complete line of DIR/metrics.jsonl (0 when there is none)."""
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      lines = [ln for ln in f.read().split("\n")[:-1] if ln.strip()]  # a line without its newline: unfinished
+  except FileNotFoundError:
+    return 0
+  return json.loads(lines[-1])["step"] if lines else 0
+
+
+def checkpoint_reached(ckpts: str, step: int) -> Callable[[], bool]:
+  """A finished checkpoint of step ≥ `step` exists."""
+  return lambda: max(finished_steps(ckpts), default=-1) >= step
+
+
+def metrics_reached(workdir: str, step: int) -> Callable[[], bool]:
+  """The run logged step ≥ `step`. Pick `step` above the last line a killed run left: a resumed run drops the
+  lines past its checkpoint only once it has restored."""
+  return lambda: last_logged_step(workdir) >= step
+
+
+def save_in_flight(ckpts: str, after: int = 0) -> Callable[[], bool]:
+  """Orbax is writing a step > `after` (its temporary folder exists, not yet renamed). Pick `after` at or above
+  any stale temporary folder a killed run left."""
+  return lambda: any(s > after for s in tmp_steps(ckpts))
+
+
+def after_seconds(seconds: float) -> Callable[[], bool]:
+  t = time.time() + seconds
+  return lambda: time.time() >= t
+
+
+def delayed(ready: Callable[[], bool], seconds: float) -> Callable[[], bool]:
+  """Holds `seconds` after `ready()` first held (e.g. a kill somewhere inside an in-flight write)."""
+  since = []
+
+  def check() -> bool:
+    if not since and ready():
+      since.append(time.time())
+    return bool(since) and time.time() >= since[0] + seconds
+  return check

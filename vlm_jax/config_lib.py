@@ -79,6 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 2
   c.checkpoint_frozen = True    # False: frozen weights are not stored, rebuilt from config.init (runs.reference)
+  # loss-spike guard (train/step.py): skip a step whose loss > factor × median of the last `window` finite
+  # losses, counted in metric spike_skipped_steps; 0 = off (no extra state)
+  c.loss_spike_factor = 0.0
+  c.loss_spike_window = 32
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
   c.partitioning = ml_collections.ConfigDict({"rules": None})  # None: vlm_jax.parallel.partitioning.DEFAULT_RULES
   c.frozen = ""                 # regex over '/'-joined parameter paths; matches get no gradient (LiT)

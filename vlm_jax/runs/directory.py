@@ -11,7 +11,7 @@ for a converted open_clip / OpenAI / Hugging Face model:
 
 A path names a run by any of `DIR`, `DIR/checkpoints` or `DIR/checkpoints/<step>`; without a step the newest
 *readable* one is used: a step whose files are truncated, missing or unreadable is skipped with a one-line warning
-naming it (`newest_readable`). Everything here reads on the host as numpy, whatever mesh wrote the checkpoint.
+naming it (`newest_readable`); a step holding NaN or Inf is refused (`UserError` naming it and the array). Everything here reads on the host as numpy, whatever mesh wrote the checkpoint.
 """
 
 from __future__ import annotations
@@ -135,6 +135,8 @@ def _variables_at(root: str, step: int) -> dict:
   state = _restore_state_host(root, step, ("params", "frozen", "extra"))
   if "params" not in state:
     raise ValueError("the checkpoint holds no parameters")
+  from vlm_jax.runs import guards  # noqa: PLC0415
+  guards.check_finite(state, f"{root}/{step}")  # NaN/Inf: refused, never skipped for an older step
   by_reference = reference.frozen_params(run_directory(root))  # frozen weights kept by reference, if any
   return {"params": merge_trees(by_reference, state.get("params"), state.get("frozen")),
           **(state.get("extra") or {})}

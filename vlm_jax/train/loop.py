@@ -7,6 +7,11 @@
         batch ← data iterator (per-process) → global jax.Array on the mesh
         state, metrics ← train_step(state, batch)            # jit, sharded, state donated
         log / evaluate / checkpoint on their schedules; SIGTERM → checkpoint and return
+
+A step with a non-finite loss or gradient, or (`config.loss_spike_factor` > 0) a loss spike, is skipped and
+counted (`skipped_steps`, `spike_skipped_steps`; `train/step.py`). A full disk (a checkpoint, metrics.jsonl, the
+plot) stops the run with one `UserError` line naming the path; the newest finished checkpoint stays the one to
+resume from (`runs.checkpointer`).
 """
 
 from __future__ import annotations
@@ -91,6 +96,20 @@ def check_batch_size(batch_size: int, mesh, accum: int) -> None:
     raise UserError(f"batch_size={batch_size} is not divisible by the {jax.process_count()} processes")
 
 
+def spike_guard_settings(config) -> tuple[float, int]:
+  """(factor, window) of the loss-spike guard from `config.loss_spike_factor` / `loss_spike_window`; (0, 0)
+  when off. `UserError` for a factor in (0, 1] (it would skip most steps) or a window < 1."""
+  factor = float(config.get("loss_spike_factor", 0.0) or 0.0)
+  window = int(config.get("loss_spike_window", 32) or 0)
+  if factor == 0:
+    return 0.0, 0
+  if factor <= 1 or window < 1:
+    raise UserError(f"loss_spike_factor={factor} and loss_spike_window={window}: the guard needs a factor > 1 "
+                    "(a loss above factor × the median of the last window losses is skipped) and a window >= 1; "
+                    "0 turns it off")
+  return factor, window
+
+
 def _first_rows(batch: dict, n: int) -> dict:
   return {k: v[:n] for k, v in batch.items()}
 
@@ -138,9 +157,11 @@ def _train(config, workdir, preempt, *, make_data, model, loss_fn, evaluators, i
   rules = partitioning.rules_from_config(config.get("partitioning", {}).get("rules"))
   accum = int(config.optimizer.get("grad_accum_steps", 1))
   check_batch_size(config.batch_size, mesh, accum)
+  spike_factor, spike_window = spike_guard_settings(config)
   total = int(config.total_steps)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    config_path = os.path.join(workdir, "config.json")
+    with metrics_lib.no_space_as_user_error(config_path), open(config_path, "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
   data_iter = make_data(jax.process_index(), jax.process_count())
@@ -156,7 +177,7 @@ def _train(config, workdir, preempt, *, make_data, model, loss_fn, evaluators, i
     # a resumed run reads its own checkpoint, not the init sources (unless its frozen weights live there)
     state, shardings = create_train_state(
         model, tx, example, mesh=mesh, rules=rules, frozen=frozen, rng=jax.random.PRNGKey(int(config.seed)),
-        init_fn=None if resuming and not by_reference else init_fn)
+        init_fn=None if resuming and not by_reference else init_fn, spike_window=spike_window)
   if by_reference:
     runs.reference.record_or_verify(workdir, config.get("init"), state.frozen, write=jax.process_index() == 0)
 
@@ -171,13 +192,14 @@ def _train(config, workdir, preempt, *, make_data, model, loss_fn, evaluators, i
   start = int(start or 0)
 
   train_step = jit_train_step(model, loss_fn, tx, schedule, shardings, mesh=mesh, rules=rules,
-                              accum_steps=accum, frozen=frozen)
+                              accum_steps=accum, frozen=frozen, spike_factor=spike_factor)
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start if start else None)
   bar = metrics_lib.ProgressBar(total, start) if not quiet else None
   log_every = max(int(config.log_every_steps), 1)
   config_dict = json.loads(config.to_json_best_effort())
   last: dict[str, Any] = {}
   skipped_seen = int(jax.device_get(state.skipped_steps))
+  spikes_seen = int(jax.device_get(state.loss_guard["skipped"])) if spike_factor else 0
   with jax.set_mesh(mesh):
     model_flops = _model_flops(model, loss_fn, row_shapes, config.batch_size, frozen)
   peak = flops_lib.peak_flops_per_device()[0]  # outside the mesh: on CPU it times a matmul on one device
@@ -191,50 +213,59 @@ def _train(config, workdir, preempt, *, make_data, model, loss_fn, evaluators, i
       last.update(writer.write(step, out))
     return out
 
-  with jax.set_mesh(mesh):
-    for step in range(start, total):
-      batch = first if first is not None else next(data_iter)
-      first = None
-      state, metrics = train_step(state, global_batch(batch, mesh))
-      images, window = images + config.batch_size, window + 1
-      done = step + 1
-      is_log_step = done % log_every == 0 or done == total
-      if step == start and not is_log_step:  # the throughput window starts after compilation
-        jax.block_until_ready(metrics)
-        t0, images, window = time.perf_counter(), 0, 0
-      if is_log_step:
-        metrics = jax.device_get(metrics)
-        metrics.update(flops_lib.throughput_metrics(images, time.perf_counter() - t0, model_flops, window,
-                                                    jax.device_count(), peak))
-        metrics.pop("step_finite", None)
-        metrics.update(_data_stats(data_iter))
-        last.update(writer.write(done, metrics))
-        if int(metrics["skipped_steps"]) > skipped_seen:
-          log.warning("skipped %d non-finite step(s) up to step %d (total %d)",
-                      int(metrics["skipped_steps"]) - skipped_seen, done, int(metrics["skipped_steps"]))
-          skipped_seen = int(metrics["skipped_steps"])
-        if bar:
-          bar.update_to(done, loss=float(metrics["loss"]), img_s=float(metrics["images_per_sec"]))
-        t0, images, window = time.perf_counter(), 0, 0
-      eval_every = int(config.get("eval_every_steps", 0) or 0)
-      if evaluators and ((eval_every and done % eval_every == 0 and done != total)):
-        evaluate(done)
-      stop = preempt.any_process()
-      if done == total or stop or done % int(config.checkpoint_every_steps) == 0:
-        ckpt.save(done, saved(state), data_iter=data_iter, config=config_dict, force=True)
-      if stop:
-        ckpt.wait()
-        if not quiet and jax.process_index() == 0:
-          print(f"SIGTERM: saved checkpoint at step {done}; rerun the same command to resume", flush=True)
-        break
-    else:
-      if evaluators:
-        evaluate(total)
+  try:  # the progress bar ends its line before an error (a full disk) is printed
+    with jax.set_mesh(mesh):
+      for step in range(start, total):
+        batch = first if first is not None else next(data_iter)
+        first = None
+        state, metrics = train_step(state, global_batch(batch, mesh))
+        images, window = images + config.batch_size, window + 1
+        done = step + 1
+        is_log_step = done % log_every == 0 or done == total
+        if step == start and not is_log_step:  # the throughput window starts after compilation
+          jax.block_until_ready(metrics)
+          t0, images, window = time.perf_counter(), 0, 0
+        if is_log_step:
+          metrics = jax.device_get(metrics)
+          metrics.update(flops_lib.throughput_metrics(images, time.perf_counter() - t0, model_flops, window,
+                                                      jax.device_count(), peak))
+          metrics.pop("step_finite", None)
+          metrics.update(_data_stats(data_iter))
+          last.update(writer.write(done, metrics))
+          if int(metrics["skipped_steps"]) > skipped_seen:
+            log.warning("skipped %d non-finite step(s) up to step %d (total %d)",
+                        int(metrics["skipped_steps"]) - skipped_seen, done, int(metrics["skipped_steps"]))
+            skipped_seen = int(metrics["skipped_steps"])
+          if spike_factor and int(metrics["spike_skipped_steps"]) > spikes_seen:
+            log.warning("skipped %d loss spike(s) (loss > %g × median of the last %d losses) up to step %d "
+                        "(total %d)", int(metrics["spike_skipped_steps"]) - spikes_seen, spike_factor, spike_window,
+                        done, int(metrics["spike_skipped_steps"]))
+            spikes_seen = int(metrics["spike_skipped_steps"])
+          if bar:
+            bar.update_to(done, loss=float(metrics["loss"]), img_s=float(metrics["images_per_sec"]))
+          t0, images, window = time.perf_counter(), 0, 0
+        eval_every = int(config.get("eval_every_steps", 0) or 0)
+        if evaluators and ((eval_every and done % eval_every == 0 and done != total)):
+          evaluate(done)
+        stop = preempt.any_process()
+        if done == total or stop or done % int(config.checkpoint_every_steps) == 0:
+          ckpt.save(done, saved(state), data_iter=data_iter, config=config_dict, force=True)
+        if stop:
+          ckpt.wait()
+          if not quiet and jax.process_index() == 0:
+            print(f"SIGTERM: saved checkpoint at step {done}; rerun the same command to resume", flush=True)
+          break
+      else:
+        if evaluators:
+          evaluate(total)
 
-  ckpt.close()
+    ckpt.close()
+  finally:
+    if bar:
+      bar.close()
   writer.close()
-  if bar:
-    bar.close()
   if jax.process_index() == 0 and os.path.exists(writer.path):
-    metrics_lib.plot_loss(writer.path, os.path.join(workdir, "plots", "loss.png"))
+    plot_path = os.path.join(workdir, "plots", "loss.png")
+    with metrics_lib.no_space_as_user_error(plot_path):
+      metrics_lib.plot_loss(writer.path, plot_path)
   return last

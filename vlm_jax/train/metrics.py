@@ -1,11 +1,13 @@
 """Run outputs: `metrics.jsonl`, TensorBoard events, the progress bar and the loss-curve plot.
 
 Only process 0 writes. Every JSON line carries `step`. On resume, lines past the restored step (written by the
-interrupted run after its last checkpoint) are dropped, so `metrics.jsonl` reads as one uninterrupted run.
+interrupted run after its last checkpoint) are dropped, so `metrics.jsonl` reads as one uninterrupted run. A full
+disk while writing a line stops the run with a `UserError` naming the file (`no_space_as_user_error`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,8 +37,8 @@ class MetricsWriter:
     if not self.enabled:
       return
     if resume_step is not None and os.path.exists(self.path):
-      kept = [ln for ln in read_jsonl(self.path) if ln["step"] <= resume_step]
-      with open(self.path, "w") as f:
+      kept = [ln for ln in read_jsonl(self.path, skip_broken=True) if ln["step"] <= resume_step]
+      with no_space_as_user_error(self.path), open(self.path, "w") as f:
         f.writelines(json.dumps(ln) + "\n" for ln in kept)
     elif resume_step is None and os.path.exists(self.path):
       os.remove(self.path)
@@ -46,7 +48,7 @@ class MetricsWriter:
   def write(self, step: int, metrics: Mapping[str, object]) -> dict:
     row = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
     if self.enabled:
-      with open(self.path, "a") as f:
+      with no_space_as_user_error(self.path), open(self.path, "a") as f:
         f.write(json.dumps(row) + "\n")
       for k, v in row.items():
         if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -58,9 +60,31 @@ class MetricsWriter:
       self._tb.close()
 
 
-def read_jsonl(path: str) -> list[dict]:
+@contextlib.contextmanager
+def no_space_as_user_error(path: str):
+  """An `OSError` ENOSPC (disk full) inside the block becomes the one-line `UserError` naming `path`."""
+  try:
+    yield
+  except OSError as e:
+    from vlm_jax.runs import guards  # noqa: PLC0415
+    if guards.is_no_space(e):
+      raise guards.no_space_error(path, None, ran_out=True) from None
+    raise
+
+
+def read_jsonl(path: str, *, skip_broken: bool = False) -> list[dict]:
+  """The rows of a JSON-lines file; `skip_broken` drops lines that do not parse (a write cut short by a full
+  disk or a kill)."""
+  rows = []
   with open(path) as f:
-    return [json.loads(ln) for ln in f if ln.strip()]
+    for ln in f:
+      if ln.strip():
+        try:
+          rows.append(json.loads(ln))
+        except json.JSONDecodeError:
+          if not skip_broken:
+            raise
+  return rows
 
 
 def plot_loss(metrics_path: str, out_png: str) -> None:

@@ -2,7 +2,18 @@
 
   rng_t = fold_in(rng, step);  outputs, extra' = model.apply(variables, batch, train=True, mutable=extra)
   (loss, metrics) = objective(outputs, batch);  g = ∇_θ loss   (θ = trainable leaves only)
-  finite(loss, g) ? (θ, extra) ← (optax_update(θ, g), extra') : both unchanged, skipped_steps += 1
+  finite(loss, g) ∧ ¬spike ? (θ, extra) ← (optax_update(θ, g), extra') : both unchanged
+  skipped_steps += ¬finite(loss, g);   spike_skipped_steps += spike          (optimizer state likewise kept)
+
+Loss-spike guard (`config.loss_spike_factor` = k > 0, `config.loss_spike_window` = W): with L_{t-W..t-1} the
+last W finite losses (of applied and skipped steps alike, so a lasting change of level is accepted after about
+W/2 steps),
+
+  spike_t = finite(L_t) ∧ (W losses seen) ∧ median(L_{t-W..t-1}) > 0 ∧ L_t > k · median(L_{t-W..t-1})
+
+The window lives in the train state (`state.loss_guard`, replicated; absent when the guard is off, and then the
+step is exactly the unguarded one), so the median is computed inside the jitted, sharded step and resumes
+exactly from a checkpoint.
 
 Collections other than `params` (`state.extra`, e.g. BatchNorm `batch_stats`) are mutable in training: a ResNet
 with `train_batch_stats=True` normalises with the statistics of the global batch (under jit, the batch mean of
@@ -57,10 +68,22 @@ def _keep_frozen(new_extra: dict, old_extra: dict, frozen: str | None) -> dict:
   return out
 
 
+def loss_spike(guard: dict, loss: jax.Array, finite: jax.Array, factor: float) -> tuple[jax.Array, dict]:
+  """(spike, guard') for the loss-spike guard (formula in the module docstring): whether `loss` is a spike
+  against the window of recent finite losses, and the window with `loss` appended when finite."""
+  recent = guard["recent"]
+  median = jnp.median(recent)  # NaN until W losses were seen
+  spike = finite & jnp.all(jnp.isfinite(recent)) & (median > 0) & (loss > factor * median)
+  shifted = jnp.concatenate([recent[1:], jnp.reshape(loss, (1,)).astype(recent.dtype)])
+  return spike, {"recent": jnp.where(finite, shifted, recent),
+                 "skipped": guard["skipped"] + spike.astype(jnp.int32)}
+
+
 def make_train_step(model: nn.Module, loss_fn: LossFn, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, accum_steps: int = 1, mesh, rules,
-                    frozen: str | None = None) -> Callable:
-  """Returns `step(state, batch) -> (state, metrics)` (not yet jitted: see `jit_train_step`)."""
+                    frozen: str | None = None, spike_factor: float = 0.0) -> Callable:
+  """Returns `step(state, batch) -> (state, metrics)` (not yet jitted: see `jit_train_step`); `spike_factor` k
+  > 0 needs a state made with a loss-guard window (`create_train_state(spike_window=W)`)."""
 
   def loss_of(trainable, extra, state: TrainState, batch: dict, rng: jax.Array):
     k_drop, k_mask = jax.random.split(rng)
@@ -98,26 +121,34 @@ def make_train_step(model: nn.Module, loss_fn: LossFn, tx: optax.GradientTransfo
       extra = _keep_frozen(extra, state.extra, frozen)
 
     finite = optim.all_finite(loss, grads)
+    apply, guard = finite, state.loss_guard
+    if spike_factor > 0:
+      spike, guard = loss_spike(state.loss_guard, loss, finite, spike_factor)
+      apply = finite & ~spike
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     new_state = state.replace(
         step=state.step + 1,
-        params=optim.select_tree(finite, new_params, state.params),
-        extra=optim.select_tree(finite, extra, state.extra),
-        opt_state=optim.select_tree(finite, new_opt_state, state.opt_state),
-        skipped_steps=state.skipped_steps + (1 - finite.astype(jnp.int32)))
+        params=optim.select_tree(apply, new_params, state.params),
+        extra=optim.select_tree(apply, extra, state.extra),
+        opt_state=optim.select_tree(apply, new_opt_state, state.opt_state),
+        skipped_steps=state.skipped_steps + (1 - finite.astype(jnp.int32)),
+        loss_guard=guard)
     metrics = dict(metrics)
     metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step),
                    skipped_steps=new_state.skipped_steps, step_finite=finite)
+    if spike_factor > 0:
+      metrics.update(spike_skipped_steps=guard["skipped"])
     return new_state, metrics
 
   return step
 
 
 def jit_train_step(model: nn.Module, loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                   state_shardings, *, mesh, rules, accum_steps: int = 1, frozen: str | None = None) -> Callable:
+                   state_shardings, *, mesh, rules, accum_steps: int = 1, frozen: str | None = None,
+                   spike_factor: float = 0.0) -> Callable:
   """The jitted step of the loop and of ahead-of-time compilation (`train/aot.py`): state in and out on
   `state_shardings` (donated), metrics replicated."""
   step = make_train_step(model, loss_fn, tx, schedule, accum_steps=accum_steps, mesh=mesh, rules=rules,
-                         frozen=frozen)
+                         frozen=frozen, spike_factor=spike_factor)
   return jax.jit(step, out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=0)

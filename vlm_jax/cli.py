@@ -2,18 +2,23 @@
 
   command = ConfigCommand("configs/pretrain/clip.py:tiny", workdir_help="…", extra={"checkpoint": "…"})
   config, flags = command.parse(sys.argv)       # every mistake is a one-line UserError (exit 2)
-  result = command.run(argv, fn, summary)       # parse, distributed init, fn(config, workdir), print JSON last
+  result = command.run(argv, fn, summary)       # parse, distributed init, check, fn(config, workdir), JSON last
 
-Each command has its own absl `FlagValues`, so importing several entry points never collides. `--config` is an
-ml_collections config file (`file.py:arg`, overrides as `--config.key=value`); `--workdir` and the `extra` flags
-are strings. Flag, override and config-file mistakes all become `UserError`s instead of absl's usage dump or a
-traceback from inside the config file.
+Each parse builds its own absl `FlagValues`, so importing several entry points never collides and one command
+parses many argvs in a process (tests, notebooks) without flags or overrides of an earlier argv leaking in.
+`--config` is an ml_collections config file (`file.py:arg`, overrides as `--config.key=value`); `--workdir` and
+the `extra` flags are strings. Flag, override and config-file mistakes all become `UserError`s instead of
+absl's usage dump or a traceback from inside the config file. `check(config, flags)` (`vlm_jax.preflight`)
+rejects the config before anything is written; a `UserError` the run raises later removes the workdir when
+this command created it and no checkpoint was written into it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import sys
 from typing import Callable, Mapping
 
@@ -40,31 +45,42 @@ class ConfigCommand:
   """`--config`, `--workdir` and extra string flags of one entry point, parsed into (config, {flag: value})."""
 
   def __init__(self, example: str, *, workdir_help: str = "directory for checkpoints, metrics and plots",
-               workdir_required: bool = True, extra: Mapping[str, str] | None = None):
-    self.example, self.workdir_required = example, workdir_required
-    self.values = flags.FlagValues()
-    self._config = config_flags.DEFINE_config_file("config", None, f"config file, e.g. {example}",
-                                                   flag_values=self.values, lock_config=True)
-    flags.DEFINE_string("workdir", None, workdir_help, flag_values=self.values)
+               workdir_required: bool = True, extra: Mapping[str, str] | None = None,
+               check: Callable | None = None):
+    self.example, self.workdir_required, self.workdir_help = example, workdir_required, workdir_help
     self.extra = dict(extra or {})
+    self.check = check
+
+  def _flag_values(self):
+    """(fresh FlagValues with --config, --workdir and the extra flags, the --config holder)."""
+    values = flags.FlagValues()
+    config = config_flags.DEFINE_config_file("config", None, f"config file, e.g. {self.example}",
+                                             flag_values=values, lock_config=True)
+    flags.DEFINE_string("workdir", None, self.workdir_help, flag_values=values)
     for name, help_text in self.extra.items():
-      flags.DEFINE_string(name, None, help_text, flag_values=self.values)
+      flags.DEFINE_string(name, None, help_text, flag_values=values)
+    return values, config
 
   def parse(self, argv: list[str]):
     """(config, {'workdir': …, **extra}) from `argv` (argv[0] is the program name)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parsed, holder = self._flag_values()
+    # config_flags executes the file into sys.modules['config_config'] when it is there: a second parse in this
+    # process would run the new file inside the previous one's namespace (a file without get_config would
+    # silently use the previous file's)
+    sys.modules.pop("config_config", None)
     saved, sys.argv = sys.argv, list(argv)  # config_flags finds the --config.key overrides in sys.argv
     try:
-      self.values(list(argv))
+      parsed(list(argv))
     except Exception as e:  # flags and --config.key=value overrides are user input
       raise _user_error(e, "bad command line: ") from None
     finally:
       sys.argv = saved
-    values = {name: self.values[name].value for name in ["workdir", *self.extra]}
-    if self.workdir_required and values["workdir"] is None:
+    values = {name: parsed[name].value for name in ["workdir", *self.extra]}
+    if self.workdir_required and not values["workdir"]:
       raise UserError("--workdir is required")
     try:
-      config = self._config.value  # config files load lazily: force it here so their errors are reported
+      config = holder.value  # config files load lazily: force it here so their errors are reported
       if config is None:
         raise UserError(f"--config is required, e.g. --config={self.example}")
       config.to_dict()
@@ -74,14 +90,33 @@ class ConfigCommand:
 
   def run(self, argv: list[str] | None, fn: Callable, summary: Callable | None = None) -> dict:
     """The body of a training entry point: parse `argv` (default sys.argv), initialise multi-process JAX when
-    launched so, `result = fn(config, workdir)`, print `summary(result)`'s human lines, then the result as one
-    JSON line (the last line of stdout). Wrap the caller with `errors.exit_on_user_error`."""
+    launched so, `check(config, flags)`, `result = fn(config, workdir)`, print `summary(result)`'s human lines,
+    then the result as one JSON line (the last line of stdout). Wrap the caller with `errors.exit_on_user_error`."""
     from vlm_jax.parallel.mesh import maybe_initialize_distributed  # noqa: PLC0415
     config, flags = self.parse(list(sys.argv if argv is None else argv))
     maybe_initialize_distributed()
-    result = fn(config, flags["workdir"])
+    if self.check is not None:
+      self.check(config, flags)
+    workdir = flags["workdir"]
+    created = bool(workdir) and not os.path.exists(workdir)
+    try:
+      result = fn(config, workdir)
+    except UserError:
+      if created:
+        remove_unused_workdir(workdir)
+      raise
     lines = summary(result) if summary is not None else None
     for line in [lines] if isinstance(lines, str) else (lines or []):
       print(line, flush=True)
     print(json.dumps(result, sort_keys=True), flush=True)
     return result
+
+
+def remove_unused_workdir(workdir: str) -> None:
+  """Removes `workdir` (created by a run that then failed on a user error) unless a checkpoint step was written
+  somewhere under it (a `checkpoints/<step>` folder): config.json, logs and plots of a run that never trained
+  are not worth keeping, a trained step is."""
+  for root, dirs, _ in os.walk(workdir):
+    if os.path.basename(root) == "checkpoints" and any(d.isdigit() for d in dirs):
+      return
+  shutil.rmtree(workdir, ignore_errors=True)

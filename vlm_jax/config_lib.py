@@ -209,6 +209,8 @@ def two_tower(arg: str | None, *, embed: int = 512):
   elif a.variant == "micro":
     c.update(micro_run())
     c.model = micro_model()
+  elif a.variant != "full":  # a misspelt variant must not silently become a full-size run
+    raise UserError(f"unknown variant {a.variant!r}; use tiny, micro, full or img=…,txt=…,res=…,embed=…")
   else:
     c.update(full_run(a.res))
     c.model = vit_text_model(a.img, a.txt, a.res, a.embed)

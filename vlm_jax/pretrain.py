@@ -8,10 +8,11 @@ loop (`vlm_jax.train.loop`). Rerunning the same command resumes from the newest 
 
 from __future__ import annotations
 
+from vlm_jax import preflight
 from vlm_jax.cli import ConfigCommand
 from vlm_jax.errors import exit_on_user_error
 
-COMMAND = ConfigCommand("configs/pretrain/clip.py:tiny")
+COMMAND = ConfigCommand("configs/pretrain/clip.py:tiny", check=preflight.pretrain)
 
 
 @exit_on_user_error

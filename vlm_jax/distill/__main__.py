@@ -10,10 +10,11 @@ A missing teacher prints one line `error: …` (naming `make demo` and --config.
 
 from __future__ import annotations
 
+from vlm_jax import preflight
 from vlm_jax.cli import ConfigCommand
 from vlm_jax.errors import exit_on_user_error
 
-COMMAND = ConfigCommand("configs/distill/vild.py:tiny")
+COMMAND = ConfigCommand("configs/distill/vild.py:tiny", check=preflight.distill)
 
 
 def summary(metrics: dict) -> list[str]:

@@ -18,8 +18,8 @@ import json
 import os
 import sys
 
-from vlm_jax import config_lib
-from vlm_jax.cli import ConfigCommand
+from vlm_jax import config_lib, preflight
+from vlm_jax.cli import ConfigCommand, remove_unused_workdir
 from vlm_jax.errors import UserError, exit_on_user_error
 
 COMMAND = ConfigCommand(
@@ -84,13 +84,16 @@ def run(argv: list[str] | None = None) -> dict:
   suite, flags = parse_flags(list(sys.argv if argv is None else argv))
   maybe_initialize_distributed()
   source = flags["checkpoint"] or flags["workdir"]
-  root, _ = runs.resolve(source)  # fails before anything is written
+  root, _ = runs.resolve(source)  # these checks fail before anything is written
   out_dir = flags["workdir"] or runs.run_directory(root)
+  preflight.evaluate(suite, {**flags, "workdir": out_dir})
+  created = not os.path.exists(out_dir)
   try:
-    os.makedirs(os.path.join(out_dir, "eval"), exist_ok=True)
-  except OSError as e:
-    raise UserError(f"cannot write to {out_dir}: {e.strerror or e}") from None
-  metrics = evaluate(suite, source, out_dir)
+    metrics = evaluate(suite, source, out_dir)
+  except UserError:
+    if created:
+      remove_unused_workdir(out_dir)
+    raise
   import jax  # noqa: PLC0415
   if jax.process_index() == 0:
     for line in summary(metrics):

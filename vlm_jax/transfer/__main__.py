@@ -10,10 +10,11 @@ object: method, dataset, shots, seed, zeroshot/top1, top1 (and base/top1, novel/
 
 from __future__ import annotations
 
+from vlm_jax import preflight
 from vlm_jax.cli import ConfigCommand
 from vlm_jax.errors import exit_on_user_error
 
-COMMAND = ConfigCommand("configs/transfer/coop.py:tiny")
+COMMAND = ConfigCommand("configs/transfer/coop.py:tiny", check=preflight.transfer)
 
 
 def summary(r: dict) -> str:

@@ -5,7 +5,7 @@
   assert killed, "the run finished before it could be killed"
 
 A condition is a no-argument callable polled every few milliseconds; `kill_when` sends SIGKILL as soon as it
-holds and waits for the process, so the files on disk are exactly what a crash at that moment leaves. Conditions:
+holds and waits for the process (`signal_when` sends any signal, e.g. SIGSTOP for a hung process), so the files on disk are exactly what a crash at that moment leaves. Conditions:
 `checkpoint_reached` (a finished step ≥ N exists), `metrics_reached` (the last metrics.jsonl line has step ≥ N),
 `save_in_flight` (orbax is writing a step > N into its temporary folder: an asynchronous save not yet
 renamed into place) and `after_seconds`. Used by tests/test_resume_shards.py, tests/test_transfer_prompts.py,
@@ -37,21 +37,29 @@ def start(cmd: list[str], *, log: str | None = None, devices: int = 8, **extra_e
       out.close()
 
 
-def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], *, timeout: float = 300,
-              poll: float = 0.005) -> bool:
-  """SIGKILLs `proc` as soon as `ready()` holds; True when it was killed, False when it exited first.
+def signal_when(proc: subprocess.Popen, ready: Callable[[], bool], sig: int = signal.SIGKILL, *,
+                timeout: float = 300, poll: float = 0.005) -> bool:
+  """Sends `sig` to `proc` as soon as `ready()` holds; True when sent, False when `proc` exited first.
 
   Raises `TimeoutError` (after killing it) when neither happens within `timeout` seconds."""
   deadline = time.time() + timeout
   while proc.poll() is None:
     if ready():
-      proc.send_signal(signal.SIGKILL)
-      break
+      proc.send_signal(sig)
+      return True
     if time.time() > deadline:
       proc.kill()
       proc.wait()
       raise TimeoutError(f"no kill condition within {timeout} s: {proc.args}")
     time.sleep(poll)
+  return False
+
+
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], *, timeout: float = 300,
+              poll: float = 0.005) -> bool:
+  """SIGKILLs `proc` as soon as `ready()` holds and waits for it; True when it was killed, False when it exited
+  first. Raises `TimeoutError` (after killing it) when neither happens within `timeout` seconds."""
+  signal_when(proc, ready, signal.SIGKILL, timeout=timeout, poll=poll)
   proc.wait(timeout=60)
   return proc.returncode == -signal.SIGKILL
 

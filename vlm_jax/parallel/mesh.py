@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Mapping
 
 import jax
@@ -80,20 +81,76 @@ def launcher(environ: Mapping[str, str] | None = None) -> str | None:
   return None
 
 
+TIMEOUT_ENV = "VLM_JAX_DISTRIBUTED_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 100  # JAX's own default heartbeat timeout
+
+
+def distributed_timeout_s(environ: Mapping[str, str] | None = None) -> int:
+  """Seconds after which the coordination service declares a process that stopped sending heartbeats dead and
+  stops the others ($VLM_JAX_DISTRIBUTED_TIMEOUT_S, default 100; `jax.distributed.initialize`'s
+  `heartbeat_timeout_seconds`)."""
+  env = os.environ if environ is None else environ
+  raw = env.get(TIMEOUT_ENV, "").strip()
+  if not raw:
+    return DEFAULT_TIMEOUT_S
+  try:
+    value = int(float(raw))
+  except (ValueError, OverflowError):
+    value = 0
+  if value < 1:
+    raise UserError(f"{TIMEOUT_ENV}={raw!r} must be a whole number of seconds ≥ 1")
+  return value
+
+
 def maybe_initialize_distributed() -> None:
   """Calls `jax.distributed.initialize()` when launched as several processes (see `launcher`).
 
   With the launcher variables the coordinator, process count and id are passed explicitly and, on CPU, gloo
   collectives are selected so multi-process CPU runs (and tests) work. On a Cloud TPU slice and under SLURM, JAX
-  detects the cluster itself (the TPU metadata server; SLURM_* variables).
+  detects the cluster itself (the TPU metadata server; SLURM_* variables). Every kind gets the heartbeat timeout
+  of `distributed_timeout_s`, and a process whose collective fails because another process died ends with one
+  `error:` line (`exit_if_process_lost`).
   """
   if jax.distributed.is_initialized():
     return
   kind = launcher()
+  if kind is None:
+    return
+  timeout = distributed_timeout_s()
   if kind == "env":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only affects the CPU backend
     jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
                                num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                               process_id=int(os.environ["JAX_PROCESS_ID"]))
-  elif kind in ("tpu", "slurm"):
-    jax.distributed.initialize()
+                               process_id=int(os.environ["JAX_PROCESS_ID"]),
+                               heartbeat_timeout_seconds=timeout)
+  else:  # "tpu", "slurm"
+    jax.distributed.initialize(heartbeat_timeout_seconds=timeout)
+  previous = sys.excepthook
+
+  def excepthook(kind_, e, tb):  # an uncaught error: one line and a quick exit when a peer is gone
+    exit_if_process_lost(e)
+    previous(kind_, e, tb)
+  sys.excepthook = excepthook
+
+
+# what a collective or the coordination service raises when another process died or became unreachable
+_LOST = ("Gloo", "Connection reset by peer", "Connection closed by peer", "stopped sending heartbeats",
+         "coordination service", "Socket closed")
+
+
+def exit_if_process_lost(e: BaseException) -> None:
+  """When `e` (uncaught) says another process of this multi-process run is gone, prints one `error:` line and
+  exits with status 1 at once; otherwise returns.
+
+  A dead peer fails the next cross-process collective (gloo sees the connection reset). Exiting normally would
+  then block in JAX's exit-time shutdown until the heartbeat timeout and end in a C++ abort with a stack trace;
+  `os._exit` skips that (the run is lost either way: rerun every process to resume from the last checkpoint)."""
+  text = " ".join(str(e).split())
+  if not isinstance(e, jax.errors.JaxRuntimeError) or not any(m in text for m in _LOST):
+    return
+  print(f"error: process {jax.process_index()} of {jax.process_count()} lost contact with another process "
+        f"(it died or is unreachable): {text[:240]}; rerun all processes to resume from the last checkpoint "
+        f"(a process silent for {TIMEOUT_ENV}={distributed_timeout_s()} s is declared dead)",
+        file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(1)

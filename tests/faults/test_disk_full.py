@@ -151,11 +151,15 @@ def test_metrics_line_on_a_full_disk_is_a_user_error(tmp_path):
   from vlm_jax.train import metrics as metrics_lib
   with tmpfs(str(tmp_path / "mnt"), 64) as mnt:
     writer = metrics_lib.MetricsWriter(mnt)
-    with open(os.path.join(mnt, "filler"), "wb") as f, contextlib.suppress(OSError):  # fill the disk
-      while True:
-        f.write(b"\0" * 4096)
-        f.flush()
-    with pytest.raises(UserError, match=f"no space left on device for {writer.path}: 0.0 MB free"):
-      for step in range(1, 1000):
-        writer.write(step, {"loss": 1.0})
-    writer.close()
+    filler = os.path.join(mnt, "filler")
+    try:
+      with contextlib.suppress(OSError), open(filler, "wb") as f:  # fill the disk
+        while True:
+          f.write(b"\0" * 4096)
+          f.flush()
+      with pytest.raises(UserError, match=f"no space left on device for {writer.path}: 0.0 MB free"):
+        for step in range(1, 1000):
+          writer.write(step, {"loss": 1.0})
+    finally:
+      os.remove(filler)
+      writer.close()

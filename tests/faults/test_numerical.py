@@ -4,7 +4,8 @@ guard) and a checkpoint whose parameters were tampered with to hold NaN.
 Faults are injected through the loop's own extension points: the data iterator (a per-row `fault` code added to
 every batch) and the objective (`loss_fn`, wrapped so that code 1 makes the gradient NaN while the loss stays
 finite, code 3 multiplies the loss by 100). Skipped steps must leave every parameter and the optimizer state
-bit-identical (compared between consecutive checkpoints).
+bit-identical (compared between consecutive checkpoints). The runs are marked `faults` (`make test-faults`); the
+settings check stays in `make test`.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def _rows(wd: str) -> dict[int, dict]:
   return {r["step"]: r for r in read_jsonl(os.path.join(wd, "metrics.jsonl"))}
 
 
+@pytest.mark.faults  # a few micro runs (~20-60 s each on 2 cores)
 def test_nan_gradient_and_inf_batch_are_skipped_with_parameters_bit_identical(tmp_path):
   config = th.micro_config(total_steps=4, checkpoint_every_steps=1, keep_checkpoints=4)
   wd = str(tmp_path / "run")
@@ -125,6 +127,7 @@ def test_nan_gradient_and_inf_batch_are_skipped_with_parameters_bit_identical(tm
   assert any(not np.array_equal(s3[k], s4[k]) for k in s3 if k.startswith("['params']"))  # step 4 trained
 
 
+@pytest.mark.faults  # a few micro runs (~20-60 s each on 2 cores)
 def test_loss_spike_guard_skips_and_counts_a_spike(tmp_path):
   faults = {4: SPIKE}
   guarded = th.micro_config(total_steps=5, checkpoint_every_steps=1, keep_checkpoints=5, loss_spike_factor=3.0,
@@ -178,6 +181,7 @@ def _tamper(wd: str, step: int) -> str:
   return f"params/{name}"
 
 
+@pytest.mark.faults  # a few micro runs (~20-60 s each on 2 cores)
 def test_checkpoint_with_a_nan_parameter_is_refused_by_every_reader(tmp_path):
   wd = str(tmp_path / "run")
   overrides = {"total_steps": 2, "checkpoint_every_steps": 1, "keep_checkpoints": 2}

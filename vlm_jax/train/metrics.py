@@ -57,7 +57,8 @@ class MetricsWriter:
 
   def close(self) -> None:
     if self._tb is not None:
-      self._tb.close()
+      with no_space_as_user_error(os.path.join(os.path.dirname(self.path), "tb")):
+        self._tb.close()
 
 
 @contextlib.contextmanager

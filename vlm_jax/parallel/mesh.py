@@ -134,8 +134,8 @@ def maybe_initialize_distributed() -> None:
 
 
 # what a collective or the coordination service raises when another process died or became unreachable
-_LOST = ("Gloo", "Connection reset by peer", "Connection closed by peer", "stopped sending heartbeats",
-         "coordination service", "Socket closed")
+_LOST = ("Connection reset by peer", "Connection closed by peer", "Connection refused", "Socket closed",
+         "stopped sending heartbeats", "Failed to send RPC to coordination service")
 
 
 def exit_if_process_lost(e: BaseException) -> None:

@@ -38,7 +38,23 @@ def _user_error(e: BaseException, prefix: str) -> UserError:
     return e
   if isinstance(cause, UserError):
     return cause
+  key_error = next((x for x in (e, cause) if isinstance(x, KeyError)), None)
+  if key_error is not None and prefix.startswith("bad command line"):  # a --config.KEY=VALUE override of a key
+    # the (locked) config does not have
+    key = str(key_error.args[0] if key_error.args else key_error).strip("'\"")
+    return UserError(f"{prefix}unknown config key {key!r} (a --config.… override names a key the config "
+                     "does not have)")
   return UserError(prefix + one_line(e))
+
+
+def _config_path(argv: list[str]) -> str | None:
+  """The file part of `--config=file.py:arg` (or `--config file.py:arg`) in `argv`, if any."""
+  for i, a in enumerate(argv):
+    value = a.split("=", 1)[1] if a.startswith("--config=") else (
+        argv[i + 1] if a == "--config" and i + 1 < len(argv) else None)
+    if value is not None:
+      return value.split(":", 1)[0]
+  return None
 
 
 class ConfigCommand:
@@ -69,6 +85,9 @@ class ConfigCommand:
     # process would run the new file inside the previous one's namespace (a file without get_config would
     # silently use the previous file's)
     sys.modules.pop("config_config", None)
+    path = _config_path(argv)
+    if path and not os.path.isfile(path):
+      raise UserError(f"config file {path} does not exist (e.g. --config={self.example})")
     saved, sys.argv = sys.argv, list(argv)  # config_flags finds the --config.key overrides in sys.argv
     try:
       parsed(list(argv))

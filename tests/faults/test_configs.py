@@ -29,7 +29,7 @@ W = "--workdir={w}"
 # folder holds an empty `state` (found, not readable), {tmp} the test's temporary directory.
 CASES = [
     # --- pre-training: keys, types, sizes
-    ("unknown key", "pretrain", [*P, W, "--config.no_such_key=1"], "no_such_key"),
+    ("unknown key", "pretrain", [*P, W, "--config.no_such_key=1"], "unknown config key 'no_such_key'"),
     ("unknown nested key", "pretrain", [*P, W, "--config.optimizer.nosuch=1"], "nosuch"),
     ("wrong type (str for int)", "pretrain", [*P, W, "--config.batch_size=abc"], "batch_size"),
     ("wrong type (float for int)", "pretrain", [*P, W, "--config.total_steps=1.5"], "total_steps"),
@@ -73,7 +73,7 @@ CASES = [
     ("frozen everything (nothing trainable)", "pretrain", [*P, W, "--config.frozen=.*"], "nothing would train"),
     ("frozen regex matches nothing", "pretrain", [*P, W, "--config.frozen=^nosuch/"], "matches no parameter"),
     # --- pre-training: config file, preset, flags, workdir
-    ("bad config file path", "pretrain", ["--config=configs/pretrain/missing.py:tiny", W], "config"),
+    ("bad config file path", "pretrain", ["--config=configs/pretrain/missing.py:tiny", W], "does not exist"),
     ("config file without get_config", "pretrain", ["--config=vlm_jax/errors.py", W], "config"),
     ("unknown preset variant", "pretrain", ["--config=configs/pretrain/clip.py:nosuchvariant", W],
      "unknown variant"),
@@ -124,7 +124,8 @@ CASES = [
     ("output under a file", "evaluate", [*E, "--checkpoint={fake}", "--workdir={file}/sub"], "not writable"),
     ("unknown preset variant", "evaluate", ["--config=configs/eval/synthetic.py:nosuch", "--checkpoint={fake}", W],
      "nosuch"),
-    ("bad config file path", "evaluate", ["--config=configs/eval/missing.py", "--checkpoint={fake}", W], "config"),
+    ("bad config file path", "evaluate", ["--config=configs/eval/missing.py", "--checkpoint={fake}", W],
+     "does not exist"),
     ("unknown key", "evaluate", [*E, "--checkpoint={fake}", W, "--config.nosuch=1"], "nosuch"),
     # --- weight conversion (the workdir is --output)
     ("no arguments", "convert", [], "--source"),

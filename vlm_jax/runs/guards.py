@@ -104,11 +104,15 @@ def _mb(n: float) -> str:
   return f"{n / 2**20:.1f} MB"
 
 
-def free_bytes(path: str) -> int:
-  """Free bytes (for an unprivileged user) on the file system holding `path` (or its nearest existing parent)."""
+def free_bytes(path: str) -> int | None:
+  """Free bytes (for an unprivileged user) on the file system holding `path` (or its nearest existing parent);
+  None where that cannot be told (not a local path)."""
   while not os.path.exists(path) and os.path.dirname(path) != path:
     path = os.path.dirname(path)
-  return int(shutil.disk_usage(path).free)
+  try:
+    return int(shutil.disk_usage(path).free)
+  except OSError:
+    return None
 
 
 def footprint(path: str) -> int:
@@ -142,7 +146,7 @@ def bytes_needed(root: str, state: Any, steps: list[int]) -> int:
 def no_space_error(path: str, needed: int | None, free: int | None = None, *, ran_out: bool = False) -> UserError:
   """The one-line `UserError` for a write that does not fit (`ran_out`: it was tried and failed, so it needs
   more than the estimate `needed`)."""
-  free = free_bytes(path) if free is None else free
+  free = (free_bytes(path) or 0) if free is None else free
   if ran_out:
     need = f"needs more than the {_mb(free)} free (estimated ~{_mb(needed)})" if needed else f"{_mb(free)} free"
   else:
@@ -156,7 +160,7 @@ def check_space(path: str, needed: int) -> None:
   (the decision is taken together so that no process waits for another in a collective)."""
   import jax  # noqa: PLC0415
   free = free_bytes(path)
-  short = np.array([free < needed, free, needed], np.int64)
+  short = np.array([free is not None and free < needed, free or 0, needed], np.int64)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # noqa: PLC0415
     every = np.asarray(multihost_utils.process_allgather(short)).reshape(-1, 3)

@@ -45,8 +45,9 @@ def tmpfs(path: str, size_kb: int):
     pytest.skip(f"cannot mount a size-limited tmpfs (needs root): {r.stderr.strip() or r.returncode}")
   try:
     yield path
-  finally:
-    subprocess.run(["umount", path], capture_output=True, check=False)
+  finally:  # lazily when a file there is still open (a test that failed midway)
+    if subprocess.run(["umount", path], capture_output=True, check=False).returncode:
+      subprocess.run(["umount", "-l", path], capture_output=True, check=False)
 
 
 def _flat(tree):

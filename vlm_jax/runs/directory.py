@@ -5,7 +5,8 @@ for a converted open_clip / OpenAI / Hugging Face model:
 
   DIR/config.json                    the run config (human-readable copy)
   DIR/checkpoints/<step>/state       orbax `TrainState`: step, params, frozen, extra (= other variable
-                                     collections, e.g. a ResNet's {'batch_stats'}), opt_state, rng, skipped_steps
+                                     collections, e.g. a ResNet's {'batch_stats'}), opt_state, rng, skipped_steps,
+                                     loss_guard (the loss-spike guard's window; empty when it is off)
   DIR/checkpoints/<step>/config      the run config as JSON
   DIR/checkpoints/<step>/data        the data-iterator state (one file per process; training runs only)
 

@@ -22,8 +22,10 @@ def plain(cfg) -> dict:
   return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
-def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-  """'tiny' or 'variant=tiny,img=B/16,res=224' -> ConfigDict over `defaults` (values keep the default's type)."""
+def parse_arg(arg: str | None, *, variants: tuple[str, ...] = (), **defaults) -> ml_collections.ConfigDict:
+  """'tiny' or 'variant=tiny,img=B/16,res=224' -> ConfigDict over `defaults` (values keep the default's type).
+
+  With `variants`, any other `variant` is a `UserError`: a misspelt variant must not silently become the full run."""
   out = dict(defaults)
   for i, part in enumerate(p for p in (arg or "").split(",") if p):
     if "=" not in part:
@@ -40,6 +42,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
           value.lower() in ("1", "true", "yes") if isinstance(default, bool) else value)
     except ValueError:
       raise UserError(f"config argument {key}={value!r} is not a {type(default).__name__}") from None
+  if variants and out.get("variant") not in variants:
+    raise UserError(f"unknown variant {out.get('variant')!r}; use one of {', '.join(variants)}")
   return ml_collections.ConfigDict(out)
 
 
@@ -199,7 +203,8 @@ def vit_text_model(img: str, txt: str, res: int, embed: int) -> ml_collections.C
 def two_tower(arg: str | None, *, embed: int = 512):
   """(config, args) of a two-tower run from a config file's argument.
 
-  'tiny' gives the synthetic CPU default, 'micro' a seconds-long smoke run (tests); otherwise 'img=B/16,txt=B,res=224,embed=512' picks the towers.
+  'tiny' gives the synthetic CPU default, 'micro' a seconds-long smoke run (tests); otherwise
+  'img=B/16,txt=B,res=224,embed=512' picks the towers.
   """
   a = parse_arg(arg, variant="full", img="B/16", txt="B", res=224, embed=embed)
   c = base_config()

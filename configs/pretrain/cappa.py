@@ -16,7 +16,8 @@ from vlm_jax import config_lib as cb
 
 
 def get_config(arg: str = "tiny"):
-  a = cb.parse_arg(arg, variant="full", img="B/16", txt="L", depth=6, res=224, parallel=0.75)
+  a = cb.parse_arg(arg, variants=("tiny", "micro", "full"), variant="full",
+                   img="B/16", txt="L", depth=6, res=224, parallel=0.75)
   c = cb.base_config()
   if a.variant == "tiny":
     c.update(cb.tiny_run())

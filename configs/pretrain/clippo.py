@@ -19,7 +19,8 @@ from vlm_jax import config_lib as cb
 
 
 def get_config(arg: str = "tiny"):
-  a = cb.parse_arg(arg, variant="full", mode="clippo", img="B/16", res=224, embed=768)
+  a = cb.parse_arg(arg, variants=("tiny", "micro", "full"), variant="full",
+                   mode="clippo", img="B/16", res=224, embed=768)
   if a.mode not in ("clippo", "shared"):
     raise UserError(f"clippo.py mode must be 'clippo' or 'shared', got {a.mode!r}")
   c = cb.base_config()

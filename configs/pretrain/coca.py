@@ -15,7 +15,8 @@ from vlm_jax import config_lib as cb
 
 
 def get_config(arg: str = "tiny"):
-  a = cb.parse_arg(arg, variant="full", img="B/16", txt="B", res=224, embed=512, queries=256)
+  a = cb.parse_arg(arg, variants=("tiny", "micro", "full"), variant="full",
+                   img="B/16", txt="B", res=224, embed=512, queries=256)
   c = cb.base_config()
   if a.variant == "tiny":
     c.update(cb.tiny_run())

@@ -56,7 +56,8 @@ def _model(a) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = "tiny"):
-  a = cb.parse_arg(arg, variant="full", style="flava", img="B/16", txt="B", res=224, embed=768)
+  a = cb.parse_arg(arg, variants=("tiny", "micro", "full"), variant="full",
+                   style="flava", img="B/16", txt="B", res=224, embed=768)
   if a.style not in ("flava", "albef"):
     raise UserError(f"unknown flava style {a.style!r}; use flava or albef")
   c = cb.base_config()

@@ -24,7 +24,8 @@ def _vit(variant: str, res: int, **kw) -> dict:
 
 
 def get_config(arg: str = "tiny"):
-  a = cb.parse_arg(arg, variant="full", img="B/16", res=224, target="pixels", teacher="")
+  a = cb.parse_arg(arg, variants=("tiny", "micro", "full"), variant="full",
+                   img="B/16", res=224, target="pixels", teacher="")
   c = cb.base_config()
   if a.variant == "tiny":
     c.update(cb.tiny_run())

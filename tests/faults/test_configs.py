@@ -77,6 +77,8 @@ CASES = [
     ("config file without get_config", "pretrain", ["--config=vlm_jax/errors.py", W], "config"),
     ("unknown preset variant", "pretrain", ["--config=configs/pretrain/clip.py:nosuchvariant", W],
      "unknown variant"),
+    *[(f"unknown preset variant of {f}", "pretrain", [f"--config=configs/pretrain/{f}.py:nosuchvariant", W],
+       "unknown variant") for f in ("cappa", "clippo", "coca", "flava", "mae")],
     ("unknown preset key", "pretrain", ["--config=configs/pretrain/clip.py:nosuch=1", W], "unknown config argument"),
     ("preset value of wrong type", "pretrain", ["--config=configs/pretrain/clip.py:res=abc", W], "res"),
     ("missing --config", "pretrain", [W], "--config"),

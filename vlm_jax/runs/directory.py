@@ -89,7 +89,7 @@ def newest_readable(root: str, read: Callable[[int], Any], *, step: int | None =
     except UserError:
       raise
     except Exception as e:  # noqa: BLE001 (any failure to read a checkpoint's files means it is unusable)
-      errors.append(f"{s}: {one_line(e)}")
+      errors.append(f"step {s}: {type(e).__name__}: {one_line(e)}")
       log.warning("checkpoint %s/%d is unreadable and is skipped (%s)", root, s, one_line(e))
       if on_unreadable is not None:
         on_unreadable(s, e)

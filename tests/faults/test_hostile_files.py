@@ -187,14 +187,17 @@ def _bomb_shard(path: str) -> list[int]:
   return sizes
 
 
-_MEASURE = textwrap.dedent("""
-    import json, resource, sys
+_PEAK = textwrap.dedent("""
     def status(field):  # kB, from /proc/self/status (Linux)
       with open("/proc/self/status") as f:
         return next(int(ln.split()[1]) for ln in f if ln.startswith(field + ":"))
     def reset_peak():  # the peak so far (e.g. while importing) would hide a smaller allocation
       with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+""")
+
+_MEASURE = _PEAK + textwrap.dedent("""
+    import json, resource, sys
     from vlm_jax.data import pipeline
     from vlm_jax.data.tokenizers import get_tokenizer
     tok = get_tokenizer("bytes", context_length=8)
@@ -211,14 +214,8 @@ _MEASURE = textwrap.dedent("""
                       "skipped": {k: v for k, v in it.stats().items() if v}}))
 """)
 
-_CONTROL = textwrap.dedent("""
+_CONTROL = _PEAK + textwrap.dedent("""
     import io, json, resource, sys, warnings
-    def status(field):  # kB, from /proc/self/status (Linux)
-      with open("/proc/self/status") as f:
-        return next(int(ln.split()[1]) for ln in f if ln.startswith(field + ":"))
-    def reset_peak():  # the peak so far (e.g. while importing) would hide a smaller allocation
-      with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
     from PIL import Image
     from tests.faults import hostile_data as hd
     data = hd.png_bomb(10000, 10000)

@@ -5,11 +5,12 @@
   assert killed, "the run finished before it could be killed"
 
 A condition is a no-argument callable polled every few milliseconds; `kill_when` sends SIGKILL as soon as it
-holds and waits for the process (`signal_when` sends any signal, e.g. SIGSTOP for a hung process), so the files on disk are exactly what a crash at that moment leaves. Conditions:
-`checkpoint_reached` (a finished step ≥ N exists), `metrics_reached` (the last metrics.jsonl line has step ≥ N),
-`save_in_flight` (orbax is writing a step > N into its temporary folder: an asynchronous save not yet
-renamed into place) and `after_seconds`. Used by tests/test_resume_shards.py, tests/test_transfer_prompts.py,
-tests/test_distill_vild.py and the fault suite (tests/faults/test_kills.py).
+holds and waits for the process, so the files on disk are exactly what a crash at that moment leaves
+(`signal_when` sends any signal, e.g. SIGSTOP for a hung process). Conditions: `checkpoint_reached` (a finished
+step ≥ N exists), `metrics_reached` (the last metrics.jsonl line has step ≥ N), `save_in_flight` (orbax is
+writing a step > N into a new temporary folder: an asynchronous save not yet renamed into place) and
+`after_seconds`; `delayed` holds a while after another condition first held. Used by tests/test_resume_shards.py,
+tests/test_transfer_prompts.py, tests/test_distill_vild.py and the fault suite (tests/faults/).
 """
 
 from __future__ import annotations
@@ -73,13 +74,33 @@ def finished_steps(ckpts: str) -> list[int]:
   return sorted(int(d) for d in names if d.isdigit() and os.path.isdir(os.path.join(ckpts, d, "state")))
 
 
-def tmp_steps(ckpts: str) -> list[int]:
-  """Steps with an orbax temporary folder (a save in flight, or one a kill interrupted), ascending."""
+def _tmp_folders(ckpts: str) -> dict[str, tuple[int, int, int]]:
+  """{name: (step, inode, ctime)} of orbax's temporary folders; a folder orbax removed and created again for a
+  new write of the same step has another (inode, ctime)."""
   try:
-    names = os.listdir(ckpts)
+    names = [d for d in os.listdir(ckpts) if TMP_SUFFIX in d and d.split(".")[0].isdigit()]
   except FileNotFoundError:
-    return []
-  return sorted(int(d.split(".")[0]) for d in names if TMP_SUFFIX in d and d.split(".")[0].isdigit())
+    return {}
+  out = {}
+  for d in names:
+    try:
+      st = os.stat(os.path.join(ckpts, d))
+    except FileNotFoundError:  # renamed into place meanwhile
+      continue
+    out[d] = (int(d.split(".")[0]), st.st_ino, st.st_ctime_ns)
+  return out
+
+
+def tmp_steps(ckpts: str, *, besides: dict | None = None) -> list[int]:
+  """Steps with an orbax temporary folder (a save in flight, or one a kill interrupted), ascending; with
+  `besides` (a `snapshot`), only folders written since it was taken."""
+  besides = besides or {}
+  return sorted(v[0] for k, v in _tmp_folders(ckpts).items() if besides.get(k) != v)
+
+
+def snapshot(ckpts: str) -> dict:
+  """The temporary folders present now (those a killed run left), for `tmp_steps` / `save_in_flight`."""
+  return _tmp_folders(ckpts)
 
 
 def last_logged_step(workdir: str) -> int:
@@ -97,16 +118,30 @@ def checkpoint_reached(ckpts: str, step: int) -> Callable[[], bool]:
   return lambda: max(finished_steps(ckpts), default=-1) >= step
 
 
-def metrics_reached(workdir: str, step: int) -> Callable[[], bool]:
-  """The run logged step ≥ `step`. Pick `step` above the last line a killed run left: a resumed run drops the
-  lines past its checkpoint only once it has restored."""
-  return lambda: last_logged_step(workdir) >= step
+def metrics_reached(workdir: str, step: int, *, rewound_to: int | None = None) -> Callable[[], bool]:
+  """The run logged step ≥ `step`. A resumed run drops the lines past its checkpoint (`rewound_to`) that a killed
+  run left only once it has restored: with `rewound_to`, lines count only after the file went back to it."""
+  rewound = [rewound_to is None]
+
+  def check() -> bool:
+    last = last_logged_step(workdir)
+    rewound[0] = rewound[0] or last <= rewound_to
+    return rewound[0] and last >= step
+  return check
 
 
 def save_in_flight(ckpts: str, after: int = 0) -> Callable[[], bool]:
-  """Orbax is writing a step > `after` (its temporary folder exists, not yet renamed). Pick `after` at or above
-  any stale temporary folder a killed run left."""
-  return lambda: any(s > after for s in tmp_steps(ckpts))
+  """Orbax is writing a step > `after`: a temporary folder, not yet renamed into place, that is not one a killed
+  run left behind. (A resumed run removes those at start-up, with a gap before it writes that step again, so a
+  leftover folder counts once it has been seen gone; its inode and ctime are no guide: removing its files changes
+  the ctime and a new folder may get the same inode.)"""
+  stale = set(_tmp_folders(ckpts))
+
+  def check() -> bool:
+    now = _tmp_folders(ckpts)
+    stale.intersection_update(now)
+    return any(step > after for name, (step, _, _) in now.items() if name not in stale)
+  return check
 
 
 def after_seconds(seconds: float) -> Callable[[], bool]:

@@ -97,11 +97,12 @@ def _kill_five_times(name: str, cmd, ref: str, wd: str, *, total: int, keep: int
   rng = random.Random(seed + 1)
   print(f"\n{name}: kill plan (seed {seed}): {_plan(seed, total)}")
   for i, (mode, target) in enumerate(_plan(seed, total)):
-    logged = kill.last_logged_step(wd)  # lines past this were left by the last killed run
+    resume = (records[-1]["expect_resume"] if records else None) or 0  # the step this run goes on from
+    stale = kill.snapshot(ckpts)  # temporary folders of writes the last kill cut short
     if mode == "step":
-      ready = kill.metrics_reached(wd, max(int(target), logged + 1))
+      ready = kill.metrics_reached(wd, max(int(target), resume + 1), rewound_to=resume)
     elif mode == "save":
-      ready = kill.delayed(kill.save_in_flight(ckpts, after=max(int(target), logged + 1) - 1),
+      ready = kill.delayed(kill.save_in_flight(ckpts, after=max(int(target), resume + 1) - 1),
                            rng.uniform(0.0, 0.3))
     else:
       ready = kill.after_seconds(target)
@@ -116,12 +117,11 @@ def _kill_five_times(name: str, cmd, ref: str, wd: str, *, total: int, keep: int
     if records:  # this run's resume step is the one predicted after the previous kill
       assert resumed == records[-1]["expect_resume"], (records[-1], resumed, out[-2000:])
       records[-1]["resumed"] = resumed
-    in_flight = kill.tmp_steps(ckpts)
+    in_flight = kill.tmp_steps(ckpts, besides=stale)  # this run's writes the kill cut short
     readable, bad = _check_disk(ckpts, keep)
     rec = {"kill": i, "mode": mode, "target": round(target, 2) if mode == "delay" else int(target),
            "killed_after_step": kill.last_logged_step(wd), "finished": readable, "unreadable": bad,
-           "tmp": in_flight, "cut_write": [s for s in in_flight if s > logged],  # this run's, not stale
-           "expect_resume": readable[-1] if readable else None}  # the newest finished step, never a tmp one
+           "cut_write": in_flight, "expect_resume": readable[-1] if readable else None}  # never a tmp one
     records.append(rec)
     print(f"  kill {i}: {mode} {rec['target']} -> killed after step {rec['killed_after_step']}, "
           f"finished steps {readable}, write cut short {rec['cut_write']}, unreadable {bad}")

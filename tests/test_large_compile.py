@@ -47,3 +47,16 @@ def test_xla_and_analytic_model_flops_agree(name, arg):
   analytic = flops.analytic_train_flops_per_sample(model, (res, res, 3), config.model.text.max_len)
   print(f"{arg}: train GFLOPs/sample XLA {xla / 1e9:.1f}, analytic {analytic / 1e9:.1f}, ratio {xla / analytic:.3f}")
   assert abs(xla / analytic - 1) < 0.10
+
+
+def test_aot_compiles_the_loops_step_with_its_options():
+  """The compile-only path builds the step the loop runs: gradient accumulation and the loss-spike guard's
+  state included (a memory check of another step would mislead)."""
+  config = assembly.complete(th.micro_config(loss_spike_factor=4.0, loss_spike_window=8))
+  config.optimizer.grad_accum_steps = 2
+  mesh = make_mesh({"data": 8})
+  out = aot.compile_train_step(config, mesh, partitioning.rules_from_config(None), batch_size=16)
+  state_info = out.lowered.args_info[0][0]
+  assert state_info.loss_guard["recent"].shape == (8,)
+  hlo = out.lowered.as_text()
+  assert "while" in hlo  # the micro-batch loop of gradient accumulation (absent at grad_accum_steps=1)

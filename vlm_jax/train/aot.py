@@ -18,7 +18,7 @@ from vlm_jax import assembly
 from vlm_jax.parallel import mesh as mesh_lib
 from vlm_jax.train.optim import make_optimizer
 from vlm_jax.train.state import create_train_state
-from vlm_jax.train.step import jit_train_step
+from vlm_jax.train.step import jit_train_step, spike_guard_settings
 
 
 class CompiledStep(NamedTuple):
@@ -43,10 +43,13 @@ def compile_train_step(config, mesh, rules, batch_size: int) -> CompiledStep:
   tx, schedule = make_optimizer(config.optimizer, int(config.total_steps))
   batch = abstract_batch(config, batch_size, mesh, parts.model)
   frozen = config.get("frozen") or None
+  accum = int(config.optimizer.get("grad_accum_steps", 1))
+  spike_factor, spike_window = spike_guard_settings(config)
   shardings = []
 
   def create(rng):
-    state, sh = create_train_state(parts.model, tx, parts.example, mesh=mesh, rules=rules, frozen=frozen, rng=rng)
+    state, sh = create_train_state(parts.model, tx, parts.example, mesh=mesh, rules=rules, frozen=frozen, rng=rng,
+                                   spike_window=spike_window)
     shardings.append(sh)
     return state
 
@@ -55,7 +58,7 @@ def compile_train_step(config, mesh, rules, batch_size: int) -> CompiledStep:
     abstract = jax.eval_shape(create, jax.random.PRNGKey(0))
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings[0])
     step = jit_train_step(parts.model, parts.loss_fn, tx, schedule, shardings[0], mesh=mesh, rules=rules,
-                          frozen=frozen)
+                          accum_steps=accum, frozen=frozen, spike_factor=spike_factor)
     lowered = step.lower(state, batch)
     compiled = lowered.compile()
   return CompiledStep(lowered, compiled, batch, time.perf_counter() - start)

@@ -34,7 +34,7 @@ from vlm_jax.train import flops as flops_lib
 from vlm_jax.train import metrics as metrics_lib
 from vlm_jax.train.optim import make_optimizer
 from vlm_jax.train.state import create_train_state
-from vlm_jax.train.step import jit_train_step
+from vlm_jax.train.step import jit_train_step, spike_guard_settings
 
 log = logging.getLogger("vlm_jax")
 
@@ -94,20 +94,6 @@ def check_batch_size(batch_size: int, mesh, accum: int) -> None:
                     f"data-parallel size {dp} (mesh data×fsdp)")
   if batch_size % jax.process_count():
     raise UserError(f"batch_size={batch_size} is not divisible by the {jax.process_count()} processes")
-
-
-def spike_guard_settings(config) -> tuple[float, int]:
-  """(factor, window) of the loss-spike guard from `config.loss_spike_factor` / `loss_spike_window`; (0, 0)
-  when off. `UserError` for a factor in (0, 1] (it would skip most steps) or a window < 1."""
-  factor = float(config.get("loss_spike_factor", 0.0) or 0.0)
-  window = int(config.get("loss_spike_window", 32) or 0)
-  if factor == 0:
-    return 0.0, 0
-  if factor <= 1 or window < 1:
-    raise UserError(f"loss_spike_factor={factor} and loss_spike_window={window}: the guard needs a factor > 1 "
-                    "(a loss above factor × the median of the last window losses is skipped) and a window >= 1; "
-                    "0 turns it off")
-  return factor, window
 
 
 def _first_rows(batch: dict, n: int) -> dict:

@@ -37,6 +37,7 @@ import optax
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vlm_jax.errors import UserError
 from vlm_jax.parallel import mesh as mesh_lib
 from vlm_jax.parallel.mesh import BATCH_AXES
 from vlm_jax.train import optim
@@ -142,6 +143,20 @@ def make_train_step(model: nn.Module, loss_fn: LossFn, tx: optax.GradientTransfo
     return new_state, metrics
 
   return step
+
+
+def spike_guard_settings(config) -> tuple[float, int]:
+  """(factor, window) of the loss-spike guard from `config.loss_spike_factor` / `loss_spike_window`; (0, 0)
+  when off. `UserError` for a factor in (0, 1] (it would skip most steps) or a window < 1."""
+  factor = float(config.get("loss_spike_factor", 0.0) or 0.0)
+  window = int(config.get("loss_spike_window", 32) or 0)
+  if factor == 0:
+    return 0.0, 0
+  if factor <= 1 or window < 1:
+    raise UserError(f"loss_spike_factor={factor} and loss_spike_window={window}: the guard needs a factor > 1 "
+                    "(a loss above factor × the median of the last window losses is skipped) and a window >= 1; "
+                    "0 turns it off")
+  return factor, window
 
 
 def jit_train_step(model: nn.Module, loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,

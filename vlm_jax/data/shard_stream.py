@@ -4,7 +4,8 @@
                   draw i picks shard uniform(seed, i), with replacement                 (resample=True)
     interleave:   `cycle_length` shards are open at once; elements are taken round-robin from them; a shard
                   that ends is replaced by the next one in the order
-    state:        {'next': next draw in the order, 'turn': next slot, 'slots': [[draw, byte offset] | None]}
+    state:        {'next': next draw in the order, 'turn': next slot, 'slots': [[draw, byte offset] | None],
+                   'shards': fingerprint of this stream's shard list}
 
 A shard that cannot be opened (deleted, unreadable, not a tar) yields one `unreadable_shard` skip and the next
 shard is opened; after 2 × (shards) + `cycle_length` opens in a row without a single valid sample — every shard
@@ -12,7 +13,10 @@ of this stream gone or bad — `__next__` raises a `UserError` instead of loopin
 
 The state is a few integers, so a checkpoint holds it exactly and `set_state` reopens each open shard by
 seeking to its byte offset (`shards.read_shard`): a resumed stream continues mid-epoch and mid-shard with
-exactly the elements an uninterrupted one would have produced. grain's worker processes (`mp_prefetch`) and the
+exactly the elements an uninterrupted one would have produced. Draws are positions in the shard list, so a
+state is refused (`UserError`) when the list it was saved with differs from the one the patterns match now
+(shards deleted, added or renamed between runs): it would resume a different stream, silently. grain's worker
+processes (`mp_prefetch`) and the
 per-process split each take a slice of the shard list (`set_slice`).
 
 Elements are dicts: a sample {'image': bytes, 'ext', 'caption', 'label', 'meta' (the {key}.json member or None),
@@ -23,6 +27,7 @@ Elements are dicts: a sample {'image': bytes, 'ext', 'caption', 'label', 'meta' 
 from __future__ import annotations
 
 import functools
+import hashlib
 from typing import Sequence
 
 import grain
@@ -126,10 +131,20 @@ class _ShardSamplesIterator(grain.DatasetIterator):
       self._turn = (slot + 1) % self._k
       return _element(item, src)
 
+  def _fingerprint(self) -> str:
+    return f"{len(self._ds.paths)}:" + hashlib.sha256("\n".join(self._ds.paths).encode()).hexdigest()[:16]
+
   def get_state(self) -> dict:
-    return {"next": self._next, "turn": self._turn, "slots": [list(s) if s else None for s in self._slots]}
+    return {"next": self._next, "turn": self._turn, "slots": [list(s) if s else None for s in self._slots],
+            "shards": self._fingerprint()}
 
   def set_state(self, state: dict) -> None:
+    saved = state.get("shards")  # absent in states saved before the check existed
+    if saved is not None and saved != self._fingerprint():
+      then, now = saved.split(":")[0], len(self._ds.paths)
+      raise UserError(f"the shards changed since the checkpoint ({then} then, {now} now in this stream, e.g. "
+                      f"{self._ds.paths[0]}): its data position would point into other shards. Restore the "
+                      "shards, or start a new --workdir with --config.init.checkpoint=THIS_RUN to keep the weights")
     self._next, self._turn = int(state["next"]), int(state["turn"])
     slots = state["slots"]
     if len(slots) != self._k:

@@ -116,7 +116,8 @@ class Checkpointer:
     if have != want:
       extra, missing = list((have - want).elements())[:3], list((want - have).elements())[:3]
       raise UserError(f"checkpoint {self.directory}/{step} does not match this model/config (another "
-                      f"architecture or optimizer?): it has arrays {extra} where this run needs {missing}")
+                      f"architecture, optimizer or loss_spike_factor on/off?): it has arrays {extra} where this "
+                      f"run needs {missing}")
     return stored
 
   def restore(self, step: int, abstract_state: Any, *, data_iter=None) -> Any:

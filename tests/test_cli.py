@@ -51,3 +51,24 @@ def test_config_command_takes_overrides_from_the_given_argv():
   config, flags = command.parse(["prog", "--config=configs/pretrain/clip.py:micro", "--workdir=/tmp/w",
                                  "--config.total_steps=7", "--config.optimizer.name=sgd"])
   assert config.total_steps == 7 and config.optimizer.name == "sgd" and flags["workdir"] == "/tmp/w"
+
+
+def test_a_failed_run_keeps_its_workdir_only_when_it_trained(tmp_path):
+  """`remove_unused_workdir`: a run that failed before training leaves nothing; one that logged a step or wrote
+  a checkpoint keeps its workdir (the logs say where it stopped)."""
+  import os  # noqa: PLC0415
+  from vlm_jax.cli import remove_unused_workdir  # noqa: PLC0415
+
+  def workdir(name, files):
+    d = tmp_path / name
+    for rel, text in files.items():
+      (d / rel).parent.mkdir(parents=True, exist_ok=True)
+      (d / rel).write_text(text)
+    return str(d)
+
+  never = workdir("never", {"config.json": "{}", "metrics.jsonl": ""})
+  logged = workdir("logged", {"config.json": "{}", "metrics.jsonl": '{"step": 1}\n'})
+  saved = workdir("saved", {"checkpoints/2/state/x": ""})
+  for d in (never, logged, saved):
+    remove_unused_workdir(d)
+  assert not os.path.exists(never) and os.path.exists(logged) and os.path.exists(saved)

@@ -132,10 +132,13 @@ class ConfigCommand:
 
 
 def remove_unused_workdir(workdir: str) -> None:
-  """Removes `workdir` (created by a run that then failed on a user error) unless a checkpoint step was written
-  somewhere under it (a `checkpoints/<step>` folder): config.json, logs and plots of a run that never trained
-  are not worth keeping, a trained step is."""
-  for root, dirs, _ in os.walk(workdir):
+  """Removes `workdir` (created by a run that then failed on a user error) unless the run trained: a checkpoint
+  step (a `checkpoints/<step>` folder) or a logged step (a non-empty `metrics.jsonl`) somewhere under it. The
+  config.json of a run that never started is not worth keeping; the logs of one that stopped mid-run (its data
+  vanished, say) are what the user reads next."""
+  for root, dirs, files in os.walk(workdir):
     if os.path.basename(root) == "checkpoints" and any(d.isdigit() for d in dirs):
+      return
+    if "metrics.jsonl" in files and os.path.getsize(os.path.join(root, "metrics.jsonl")) > 0:
       return
   shutil.rmtree(workdir, ignore_errors=True)

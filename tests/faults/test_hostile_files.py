@@ -7,6 +7,7 @@ about sizes or offsets is one `error:` line. No torch needed: the hostile files 
 from __future__ import annotations
 
 import collections
+import importlib.util
 import io
 import os
 import pickle
@@ -29,12 +30,16 @@ TOK = get_tokenizer("bytes", context_length=8)
 
 
 def _convert_refuses(capsys, argv: list[str]) -> str:
-  """Runs `python -m vlm_jax.convert ARGV` in-process; asserts exit 2 with exactly one `error:` line."""
+  """Runs `python -m vlm_jax.convert ARGV` in-process; asserts exit 2 with exactly one `error:` line. With torch
+  installed (`make test-interop` runs the tests marked `interop`), the file must have reached torch's reader
+  and been refused there, not turned away for want of torch."""
   with pytest.raises(SystemExit) as e:
     convert.convert(argv)
   err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
   assert e.value.code == 2, err
   assert len(err) == 1 and err[0].startswith("error: "), err
+  if importlib.util.find_spec("torch") is not None:
+    assert "needs PyTorch" not in err[0], err[0]
   return err[0]
 
 
@@ -52,6 +57,7 @@ def test_the_payload_is_real(tmp_path):
   assert marker.exists()
 
 
+@pytest.mark.interop  # also with torch installed: torch.load(weights_only=True) is what refuses these
 @pytest.mark.parametrize("layout", ["legacy.pt", "legacy.bin", "zip.pt", "torchscript.pt"])
 @pytest.mark.parametrize("source", ["open_clip", "openai"])
 def test_pickle_payload_is_refused_and_never_runs(tmp_path, capsys, layout, source):
@@ -63,6 +69,7 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path, capsys, layout, sour
   assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.interop
 def test_pickle_payload_in_a_hugging_face_directory(tmp_path, capsys):
   marker = tmp_path / "MARKER"
   hf = tmp_path / "hf"
@@ -73,6 +80,7 @@ def test_pickle_payload_in_a_hugging_face_directory(tmp_path, capsys):
   assert not marker.exists()
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("damage", ["empty", "random_bytes", "cut_zip", "zip_without_data_pkl"])
 def test_cut_or_malformed_torch_file_is_one_error_line(tmp_path, capsys, damage):
   """Not hostile, just broken: torch.load's RuntimeError / EOFError on these is a one-line error too."""
@@ -91,6 +99,7 @@ def test_cut_or_malformed_torch_file_is_one_error_line(tmp_path, capsys, damage)
 
 # ---- (d) a safetensors header that lies ---------------------------------------------------------------------------
 
+@pytest.mark.interop  # safetensors comes with the interop extra: `make test-interop` runs these
 @pytest.mark.parametrize("lie", sorted(hd.LYING_SAFETENSORS))
 def test_lying_safetensors_header_is_one_error_line(tmp_path, capsys, lie):
   pytest.importorskip("safetensors")

@@ -12,7 +12,7 @@ before the workdir exists. The checks reuse the validators the run itself calls 
 data options, shard expansion, init sources, the `frozen` split of the abstract parameters), so the two never
 disagree. What only the run can tell (an unreadable or mismatched init checkpoint, a transfer base's or
 distillation teacher's parameters) still fails inside it; `ConfigCommand.run` then removes a workdir it created
-that holds no checkpoint (a workdir that existed may then keep the run's config.json).
+that holds no checkpoint and no logged step (a workdir that existed may then keep the run's config.json).
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ def loop(config, *, batch: bool = True, init: bool = True) -> None:
   if batch:
     loop_lib.check_batch_size(int(config.batch_size), m, accum)
   make_optimizer(config.optimizer, max(int(config.total_steps), 1))
+  loop_lib.spike_guard_settings(config)
   regex(config.get("frozen"), "frozen")
   for src in runs.sources(config.get("init")) if init else ():
     regex(src["params"], "init.params")

@@ -60,6 +60,8 @@ CASES = [
     ("unknown objective implementation", "pretrain", [*P, W, "--config.objective_hparams.clip.impl=nosuch"],
      "nosuch"),
     ("unknown optimizer", "pretrain", [*P, W, "--config.optimizer.name=lion"], "lion"),
+    ("loss-spike factor that would skip most steps", "pretrain", [*P, W, "--config.loss_spike_factor=0.5"],
+     "loss_spike_factor"),
     ("unknown lr schedule", "pretrain", [*P, W, "--config.optimizer.schedule=nosuch"], "nosuch"),
     # --- pre-training: init checkpoints, freezing
     ("init checkpoint does not exist", "pretrain", [*P, W, "--config.init.checkpoint={tmp}/nosuch"],

@@ -122,6 +122,12 @@ def tiny_run() -> dict:
       evals=synthetic_evals())
 
 
+def eval_suite(name: str) -> ml_collections.ConfigDict:
+  """The head of a standalone evaluation config (`configs/eval/*.py`): its name, the mesh, and `data`, the
+  overrides of the evaluated checkpoint's data config; the file adds `evals`."""
+  return ml_collections.ConfigDict({"name": name, "mesh": {"data": -1, "fsdp": 1, "model": 1}, "data": {}})
+
+
 def synthetic_evals(variant: str = "train") -> ml_collections.ConfigDict:
   """The evaluators of the synthetic default (see `vlm_jax.evaluate`) on held-out procedural images.
 

@@ -18,10 +18,7 @@ from vlm_jax import config_lib as cb
 
 def get_config(arg=None):
   a = cb.parse_arg(arg, variant="standalone", beam=1, alpha=1.0)
-  c = ml_collections.ConfigDict()
-  c.name = "captioning"
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
-  c.data = ml_collections.ConfigDict()  # overrides of the checkpoint's data config
+  c = cb.eval_suite("captioning")
   images = 32 if a.variant == "micro" else 1024
   c.evals = ml_collections.ConfigDict({"captioning": {
       "kind": "captioning_synthetic", "num_images": images, "captions_per_image": 5, "beam_size": a.beam,

@@ -15,13 +15,8 @@ from vlm_jax import config_lib as cb
 
 
 def get_config(arg=None):
-  a = cb.parse_arg(arg, variant="standalone")
-  c = ml_collections.ConfigDict()
-  c.name = "detection"
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
-  c.data = ml_collections.ConfigDict()  # overrides of the checkpoint's data config
+  a = cb.parse_arg(arg, variants=("standalone", "micro"), variant="standalone")
+  c = cb.eval_suite("detection")
   n = {"standalone": 512, "micro": 32}
-  if a.variant not in n:
-    raise cb.UserError(f"unknown variant {a.variant!r} of configs/eval/detection.py; use standalone or micro")
   c.evals = ml_collections.ConfigDict({"detection": {"kind": "detection", "split": "val", "num_images": n[a.variant]}})
   return c

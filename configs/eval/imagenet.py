@@ -28,10 +28,7 @@ from vlm_jax import config_lib as cb
 
 def get_config(arg=None):
   a = cb.parse_arg(arg, data_dir="", class_names="", train_limit=100_000, test_limit=0, image_size=0)
-  c = ml_collections.ConfigDict()
-  c.name = "imagenet"
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
-  c.data = ml_collections.ConfigDict()  # overrides of the checkpoint's data config (mean/std, image_size)
+  c = cb.eval_suite("imagenet")
   common = {"data_dir": a.data_dir, "image_size": a.image_size, "batch_size": 256}
   probe = {"train_dataset": "tfds:imagenet2012:train", "test_dataset": "tfds:imagenet2012:validation",
            "train_limit": a.train_limit, "test_limit": a.test_limit, **common}

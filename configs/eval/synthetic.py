@@ -9,16 +9,11 @@ Writes DIR/eval/synthetic.json and plots under DIR/plots/. `synthetic.py:micro` 
 (tests).
 """
 
-import ml_collections
-
 from vlm_jax import config_lib as cb
 
 
 def get_config(arg=None):
   a = cb.parse_arg(arg, variant="standalone")
-  c = ml_collections.ConfigDict()
-  c.name = "synthetic"
-  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
-  c.data = ml_collections.ConfigDict()  # overrides of the checkpoint's data config
+  c = cb.eval_suite("synthetic")
   c.evals = cb.synthetic_evals(a.variant)
   return c

@@ -7,8 +7,12 @@ data in `vlm_jax/embedding/templates/<name>.txt`, one template per line with `{}
   clip_imagenet   CLIP's 80-template ImageNet ensemble, verbatim
   generic         six neutral variants of "a photo of a {}."
   synthetic       the caption prefixes of the procedural dataset (`vlm_jax.data.synthetic`)
+  coop_<dataset>  CoOp's single hand-crafted prompt of each dataset of its 11-dataset suite (Zhou et al. 2022)
+  clip_<dataset>  CLIP's published prompt set of the same datasets (openai/CLIP data/prompts.md), verbatim
 
-`load_templates` also takes a path to such a file or a list of strings. Descriptions are CuPL-style JSON files
+A set is named `coop_oxford_pets` or, equivalently, `coop:oxford_pets` (the `<kind>:<dataset>` spelling maps to
+`<kind>_<dataset>`); the suite's class names are in `class_names.py`. `load_templates` also takes a path to such
+a file or a list of strings. Descriptions are CuPL-style JSON files
 (Pratt et al. 2023, "What does a platypus look like? Generating customized prompts for zero-shot image
 classification"): `{class name: [sentence, …]}`, the sentences used as that class's prompts verbatim.
 """
@@ -49,7 +53,8 @@ def _parse(text: str, source: str) -> tuple[str, ...]:
 
 
 def load_templates(spec: str | Sequence[str]) -> tuple[str, ...]:
-  """Templates from a bundled set name, a .txt path, or a list of template strings (validated)."""
+  """Templates from a bundled set name ('generic', 'coop:dtd', …), a .txt path, or a list of template strings
+  (validated)."""
   if not isinstance(spec, str):
     return _parse("\n".join(spec), "templates")
   if os.path.sep in spec or spec.endswith(".txt"):
@@ -58,10 +63,11 @@ def load_templates(spec: str | Sequence[str]) -> tuple[str, ...]:
         return _parse(f.read(), spec)
     except OSError as e:
       raise UserError(f"cannot read template file {spec}: {e.strerror or e}") from None
-  path = importlib.resources.files(_PACKAGE) / _DIR / f"{spec}.txt"
-  if not path.is_file():
+  name = spec.replace(":", "_", 1)   # 'coop:oxford_pets' -> coop_oxford_pets.txt
+  path = importlib.resources.files(_PACKAGE) / _DIR / f"{name}.txt"
+  if not name or not path.is_file():
     raise UserError(f"unknown template set {spec!r}; bundled: {available()} (or give a .txt path)")
-  return _parse(path.read_text(encoding="utf-8"), f"templates/{spec}.txt")
+  return _parse(path.read_text(encoding="utf-8"), f"templates/{name}.txt")
 
 
 def fill(template: str, class_name: str) -> str:

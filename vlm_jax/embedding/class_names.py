@@ -8,7 +8,7 @@ templates are `coop:<name>` (CoOp's single hand-crafted prompt) and `clip:<name>
 see `prompts.load_templates`. docs/transfer_datasets.md says where each file came from and how to lay out the data.
 
 `resolve(source_names, names)` relates the labels a source gives (sorted folder names, a tfds ClassLabel) to a
-class file: when every source name equals a file name (compared ignoring case, '_' and '-') the source labels
+class file: when every source name equals a file name (compared ignoring case, spaces, '_' and '-') the source labels
 are renumbered into the file's order (a source holding only some of the classes gets those, in file order);
 otherwise source label i is file line i, and a source name that equals a *different* line is an error (the
 folders would be named in another order than the file).
@@ -57,8 +57,9 @@ def load_class_names(spec: str) -> tuple[str, ...]:
   return _parse(path.read_text(encoding="utf-8"), f"classnames/{spec}.txt")
 
 
-def _key(name: str) -> str:
-  return " ".join(re.sub(r"[_\-]", " ", name).lower().split())
+def name_key(name: str) -> str:
+  """What two names must share to be the same class: 'Apply_Eye_Makeup', 'ApplyEyeMakeup' -> 'applyeyemakeup'."""
+  return re.sub(r"[\s_\-]", "", name).lower()
 
 
 def resolve(source_names: Sequence[str], names: Sequence[str], *, source: str = "the dataset",
@@ -71,8 +72,8 @@ def resolve(source_names: Sequence[str], names: Sequence[str], *, source: str = 
   equal a different line. Violations raise `UserError`."""
   index: dict[str, int] = {}
   for i, n in enumerate(names):
-    index.setdefault(_key(n), i)
-  hits = [index.get(_key(s)) for s in source_names]
+    index.setdefault(name_key(n), i)
+  hits = [index.get(name_key(s)) for s in source_names]
   if hits and all(h is not None for h in hits) and len(set(hits)) == len(hits):
     kept = sorted(hits)
     rank = {h: r for r, h in enumerate(kept)}

@@ -275,7 +275,8 @@ def transfer_config(arg: str | None, method: dict, **overrides) -> ml_collection
   c.seed = 1
   c.val_shots = -1                # -1: min(shots, 4) per class, from the training split
   c.test_per_class = 16           # synthetic tasks only
-  c.templates = ""                # '': the dataset's own; a bundled set name, a .txt path
+  c.templates = ""                # '': the dataset's own; a bundled set name ('coop:dtd', 'clip:dtd'), a .txt path
+  c.classnames = ""               # folder:/tfds: datasets: a shipped class-name file ('oxford_pets'), a .txt path
   c.descriptions = ""             # CuPL JSON {class: [sentences]}: added to the hand-crafted text side
   c.flip = False                  # random horizontal flip in training
   c.epochs = 10 if a.variant == "tiny" else 50

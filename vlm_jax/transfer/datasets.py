@@ -11,10 +11,11 @@ Sources:
   unseen_compositions, textured, outline), optionally written 'synthetic:NAME'. Its 'train', 'val' and 'test'
   splits are disjoint streams. The k-shot training and validation images are drawn per seed from the first
   `POOL_PER_CLASS` (32) training images of each class; the test split is `test_per_class` images per class.
-- `folder:ROOT` with ROOT/train/<class>/… and ROOT/test/<class>/… (torchvision ImageFolder layout, class =
-  folder name with '_' → ' '; a `classnames.txt` in ROOT, one name per line in sorted-folder order, wins).
+- `folder:ROOT` with ROOT/train/<class>/… and ROOT/test/<class>/… (torchvision ImageFolder layout: the same
+  class folders in both; class = folder name with '_' → ' ', unless a class-name file applies, see below).
 - `tfds:NAME`: a tfds dataset prepared locally (ArrayRecord; `vlm_jax.data.sources.TfdsSource`), splits 'train'
-  and 'test'; class names from its ClassLabel feature, or the bundled class-name file of that dataset.
+  and 'test' (`TFDS_SPLITS`: imagenet2012's and food101's test split is their 'validation', eurosat's an 80/20 cut
+  of its only split); class names from its ClassLabel feature, unless a class-name file applies.
 Images get the base model's eval transform (shorter side → S, centre crop), then its normalisation.
 
 k-shot protocol (CoOp, Zhou et al. 2022): for seed s, k training images per class and `val_shots` (default
@@ -25,31 +26,50 @@ final evaluation (`Dataset.load('test')`; a test instruments it).
 Base-to-novel (CoCoOp, Zhou et al. 2022): the base classes of a dataset are the first ⌈C/2⌉ classes in label
 order, the novel classes the rest — a fixed list per dataset (`base_novel`), documented in README.
 
-Per-dataset files (package data, `vlm_jax/transfer/data/`): `<dataset>_classnames.txt` and
-`<dataset>_templates.txt` are looked up for `folder:` and `tfds:` datasets and win over the folder / ClassLabel
-names and the generic templates when present. The files for CoOp's 11 datasets (imagenet, caltech101,
-oxford_pets, stanford_cars, oxford_flowers, food101, fgvc_aircraft, sun397, dtd, eurosat, ucf101) are not shipped
-yet; until they are, class names come from the folders / tfds and templates are the generic set.
+Class-name files (`resolve_classes`; docs/transfer_datasets.md has the layout of each dataset): a `folder:` or
+`tfds:` dataset takes its class names from `classnames=` (config key `classnames`: a shipped file of CoOp's
+11-dataset suite — imagenet, caltech101, oxford_pets, stanford_cars, oxford_flowers, food101, fgvc_aircraft,
+sun397, dtd, eurosat, ucf101, package data `vlm_jax/embedding/classnames/` — or a .txt path), else from
+ROOT/classnames.txt, else, for the tfds names in `TFDS_NAMES`, from that dataset's shipped file (falling back to
+the ClassLabel names when they do not fit it, e.g. tfds caltech101's 102 classes). The dataset's labels are
+related to the file by `embedding.class_names.resolve`: folders / ClassLabel names that all equal file names
+(ignoring case, spaces, '_' and '-') are renumbered into the file's order (a folder holding some of the
+classes gets those, in file order); otherwise sorted folder i (ClassLabel i) is line i and the counts must agree. A
+suite file's templates default to `coop:<name>` (CoOp's hand-crafted prompt; `clip:<name>` is CLIP's ensemble).
 """
 
 from __future__ import annotations
 
-import importlib.resources
 import os
 from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from vlm_jax.embedding import class_names as class_files
 from vlm_jax.embedding import prompts
 from vlm_jax.errors import UserError
 
 POOL_PER_CLASS = 32
 SUITE = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
          "sun397", "dtd", "eurosat", "ucf101")
-# tfds names of the suite -> the bundled file prefix
+# tfds image datasets of the suite -> their shipped class-name file (tfds's ucf101 is video; fgvc_aircraft is absent)
 TFDS_NAMES = {"imagenet2012": "imagenet", "caltech101": "caltech101", "oxford_iiit_pet": "oxford_pets",
               "cars196": "stanford_cars", "oxford_flowers102": "oxford_flowers", "food101": "food101",
-              "sun397": "sun397", "dtd": "dtd", "eurosat": "eurosat", "ucf101": "ucf101"}
+              "sun397": "sun397", "dtd": "dtd", "eurosat": "eurosat"}
+# the tfds split read as 'train' / 'test' where it is not the one of that name: imagenet2012's 'test' is unlabelled
+# and food101 has none (their 'validation' is the test set); eurosat has only 'train' (a fixed 80/20 cut of it)
+TFDS_SPLITS = {"imagenet2012": {"test": "validation"}, "food101": {"test": "validation"},
+               "eurosat": {"train": "train[:80%]", "test": "train[80%:]"}}
+
+
+def tfds_split(name: str, split: str) -> str:
+  """The tfds split of dataset `name` ('eurosat/rgb:2.0.0' too) read as `split` ('train' | 'test')."""
+  return TFDS_SPLITS.get(tfds_base(name), {}).get(split, split)
+
+
+def tfds_base(name: str) -> str:
+  """'eurosat/rgb:2.0.0' -> 'eurosat'."""
+  return name.split("/")[0].split(":")[0]
 
 
 class Split(NamedTuple):
@@ -57,21 +77,32 @@ class Split(NamedTuple):
   labels: np.ndarray   # int32 [N]
 
 
-def bundled(name: str, kind: str) -> tuple[str, ...] | None:
-  """Lines of the bundled `<name>_<kind>.txt` (kind: classnames | templates), or None."""
-  path = importlib.resources.files("vlm_jax.transfer") / "data" / f"{name}_{kind}.txt"
-  if not path.is_file():
-    return None
-  lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-  return tuple(ln for ln in lines if ln and not ln.startswith("#"))
+def resolve_classes(source_names: Sequence[str], classnames: str = "", *, source: str,
+                    auto: str = "") -> tuple[list[str], np.ndarray | None, str]:
+  """(class names, label map or None, default template set) of a folder / tfds dataset whose own labels are
+  `source_names` (sorted folder names, ClassLabel names), given the class-name file `classnames` (a shipped
+  name or a .txt path) or, failing that, the shipped file `auto` (used only when it fits). The label map turns a
+  source label into a class index (module docstring); the templates are `coop:<name>` for a suite file."""
+  spec = classnames or auto
+  if spec:
+    try:
+      names, label_map = class_files.resolve(source_names, class_files.load_class_names(spec), source=source,
+                                             file=f"class-name file {spec!r}")
+    except UserError:
+      if classnames:
+        raise
+    else:
+      return names, label_map, f"coop:{spec}" if spec in SUITE else "generic"
+  return [n.replace("_", " ") for n in source_names], None, f"coop:{auto}" if auto in SUITE else "generic"
 
 
 class Dataset:
   """A named classification dataset: class names, templates and `load(split)` (see the module docstring)."""
 
   def __init__(self, spec: str, *, image_size: int, templates: str | Sequence[str] = "",
-               test_per_class: int = 16):
+               test_per_class: int = 16, classnames: str = ""):
     self.spec, self.image_size, self.test_per_class = spec, int(image_size), int(test_per_class)
+    self.label_map = None   # source label -> class index (folder / tfds with a class-name file), or None
     kind, _, arg = spec.partition(":") if ":" in spec else ("synthetic", "", spec)
     if kind not in ("synthetic", "folder", "tfds"):
       raise UserError(f"unknown dataset {spec!r}: use a synthetic task name, folder:ROOT or tfds:NAME")
@@ -86,19 +117,20 @@ class Dataset:
         if not os.path.isdir(os.path.join(arg, split)):
           raise UserError(f"dataset folder {arg} needs {split}/<class>/… subfolders")
       folders, _ = list_image_folder(os.path.join(arg, "test"))
-      names = [f.replace("_", " ") for f in folders]
+      train_folders = sorted(d for d in os.listdir(os.path.join(arg, "train"))
+                             if not d.startswith(".") and os.path.isdir(os.path.join(arg, "train", d)))
+      if train_folders != folders:
+        raise UserError(f"dataset folder {arg}: train/ and test/ must hold the same class folders "
+                        f"(only in train: {sorted(set(train_folders) - set(folders))[:5]}, only in test: "
+                        f"{sorted(set(folders) - set(train_folders))[:5]})")
       listed = os.path.join(arg, "classnames.txt")
-      if os.path.exists(listed):
-        with open(listed, encoding="utf-8") as f:
-          names = [ln.strip() for ln in f if ln.strip()]
-      self.class_names = list(names)
-      default_templates = bundled(os.path.basename(os.path.normpath(arg)).lower(), "templates") or "generic"
+      self.class_names, self.label_map, default_templates = resolve_classes(
+          folders, classnames or (listed if os.path.exists(listed) else ""), source=f"dataset folder {arg}")
     else:
       from vlm_jax.data.sources import TfdsSource  # noqa: PLC0415
-      src = TfdsSource(arg, "test", image_size=self.image_size)
-      short = TFDS_NAMES.get(arg, arg)
-      self.class_names = list(bundled(short, "classnames") or [c.replace("_", " ") for c in src.class_names])
-      default_templates = bundled(short, "templates") or "generic"
+      src = TfdsSource(arg, tfds_split(arg, "test"), image_size=self.image_size)
+      self.class_names, self.label_map, default_templates = resolve_classes(
+          list(src.class_names), classnames, source=f"tfds dataset {arg}", auto=TFDS_NAMES.get(tfds_base(arg), ""))
     self.templates = prompts.load_templates(templates or default_templates)
     self.name = arg if kind != "folder" else os.path.basename(os.path.normpath(arg))
 
@@ -116,14 +148,19 @@ class Dataset:
     from vlm_jax.data import sources  # noqa: PLC0415
     root = os.path.join(self.arg, split) if self.kind == "folder" else None
     src = (sources.ImageFolder(root, image_size=self.image_size) if root else
-           sources.TfdsSource(self.arg, split, image_size=self.image_size))
+           sources.TfdsSource(self.arg, tfds_split(self.arg, split), image_size=self.image_size))
     arrays = sources.load_arrays(src)
-    return Split(arrays["image"], arrays["label"])
+    if len(arrays["label"]) and int(arrays["label"].min()) < 0:
+      raise UserError(f"dataset {self.spec}: split {split!r} holds unlabelled images (label −1)")
+    labels = arrays["label"] if self.label_map is None else self.label_map[arrays["label"]]
+    return Split(arrays["image"], labels)
 
 
 def open_dataset(spec: str, *, image_size: int, templates: str | Sequence[str] = "",
-                 test_per_class: int = 16) -> Dataset:
-  return Dataset(spec, image_size=image_size, templates=templates, test_per_class=test_per_class)
+                 test_per_class: int = 16, classnames: str = "") -> Dataset:
+  """The dataset `spec` (module docstring); `classnames`: a class-name file for a folder / tfds dataset."""
+  return Dataset(spec, image_size=image_size, templates=templates, test_per_class=test_per_class,
+                 classnames=classnames)
 
 
 def base_novel(num_classes: int) -> tuple[list[int], list[int]]:

@@ -82,7 +82,8 @@ def transfer(config, workdir: str, *, quiet: bool = False) -> dict:
   if int(config.data.get("image_size", 0) or 0):
     size = int(config.data.image_size)
   ds = datasets.open_dataset(str(config.dataset), image_size=size, templates=config.templates,
-                             test_per_class=int(config.test_per_class))
+                             test_per_class=int(config.test_per_class),
+                             classnames=str(config.get("classnames", "") or ""))
   classes = list(range(ds.num_classes))
   novel: list[int] = []
   if config.protocol == "base_to_novel":

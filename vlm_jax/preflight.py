@@ -142,8 +142,8 @@ def distill(config, flags: Mapping) -> None:
   """`python -m vlm_jax.distill`: the loop keys, proposals, pseudo-box scorer, baselines and data sizes."""
   writable(flags.get("workdir"))
   loop(config)
-  if config.proposals.get("kind") != "random":
-    raise UserError(f"unknown proposals.kind {config.proposals.get('kind')!r}; use 'random'")
+  from vlm_jax.distill import proposals  # noqa: PLC0415
+  proposals.check(config)  # the kind, and the closed-set baseline that kind 'rpn' takes its proposals from
   if config.pseudo_boxes.get("scorer") not in ("dense", "crops"):
     raise UserError(f"unknown pseudo_boxes.scorer {config.pseudo_boxes.get('scorer')!r}; use 'dense' or 'crops'")
   unknown = [b for b in config.get("baselines") or () if b != "closed_set"]

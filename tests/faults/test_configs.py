@@ -110,6 +110,8 @@ CASES = [
     ("default teacher missing", "distill", [*D, W], "make demo"),
     ("teacher does not exist", "distill", [*D, W, "--config.teacher.checkpoint={tmp}/nosuch"], "nosuch"),
     ("unknown proposals kind", "distill", [*D, W, "--config.proposals.kind=nosuch"], "proposals.kind"),
+    ("rpn proposals without their baseline", "distill",
+     [*D, W, "--config.proposals.kind=rpn", "--config.baselines=()"], "closed_set"),
     ("unknown pseudo-box scorer", "distill", [*D, W, "--config.pseudo_boxes.scorer=nosuch"], "scorer"),
     ("negative batch", "distill", [*D, W, "--config.batch_size=-8"], "batch_size=-8"),
     ("negative steps", "distill", [*D, W, "--config.total_steps=-1"], "total_steps=-1"),

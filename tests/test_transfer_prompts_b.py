@@ -1,10 +1,15 @@
 """Transfer part 1, second half (issue 13): VP, VPT (shallow / deep), MaPLe, DualCoOp, PLOT and Sinkhorn.
 
 Exactness tests use a randomly initialised micro CLIP with two-layer towers (no training needed); the frozen-base
-test drives the training loop's own step; the behaviour tests use the cached pretrained ViT fixture.
+test drives the training loop's own step; the behaviour tests use the cached pretrained ViT fixture. DualCoOp
+also runs through the transfer entry point on the multi-label scenes (k-shot rule, label-kind errors, mAP
+results, benchmark table, a learning effect on the ViT fixture).
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -182,6 +187,112 @@ def test_frozen_base_bit_identical_after_training_steps(micro):
 # The issue's criterion (each method beats zero-shot at 16 shots) is not met on the tiny ViT fixture: measured
 # (2-core CPU under load ~15-25, task unseen_compositions, 16 classes, seed 1, 512 test images, zero-shot 0.783,
 # chance 0.062) MaPLe 0.797, VP 0.783, PLOT 0.779, VPT-deep 0.756 at 12 epochs; VPT-shallow 0.719 at 6 epochs
-# (256 test images, zero-shot 0.793); DualCoOp on the 48-class multi-object scenes mAP 0.151 vs zero-shot 0.238
-# (chance 0.072) after 120 steps. A test that cannot fail (a non-strict xfail) would only spend CI minutes, so
-# the behaviour tests return when the recipes (or a stronger ViT fixture) meet the criterion.
+# (256 test images, zero-shot 0.793). A test that cannot fail (a non-strict xfail) would only spend CI minutes, so
+# the behaviour tests return when the recipes (or a stronger ViT fixture) meet the criterion. (DualCoOp: below.)
+
+
+# --- DualCoOp through the transfer entry point: the multi-label scenes, mAP -------------------------------------
+def test_multilabel_k_shot_rule():
+  """Per class k training rows that contain it (union), validation drawn the same way from the rest: disjoint,
+  every class covered, reproducible per seed; a pool too small for the request is a UserError."""
+  from vlm_jax.errors import UserError
+  from vlm_jax.transfer import datasets
+  rng = np.random.default_rng(0)
+  pool = (rng.random((400, 12)) < 0.15).astype(np.float32)  # ~3 positives per row of 12 classes, as the scenes
+  for shots, val in ((1, 1), (4, 2), (8, 4)):
+    tr, va = datasets.sample_multilabel(pool, shots=shots, val_shots=val, seed=3)
+    assert not set(tr) & set(va) and len(set(tr)) == len(tr) and len(set(va)) == len(va)
+    assert (pool[tr].sum(0) >= shots).all() and (pool[va].sum(0) >= val).all()
+    assert len(tr) <= 12 * shots and len(va) <= 12 * val  # a union of per-class draws, nothing else
+    again = datasets.sample_multilabel(pool, shots=shots, val_shots=val, seed=3)
+    assert np.array_equal(tr, again[0]) and np.array_equal(va, again[1])
+  other = datasets.sample_multilabel(pool, shots=4, val_shots=2, seed=4)
+  assert not np.array_equal(other[0], datasets.sample_multilabel(pool, shots=4, val_shots=2, seed=3)[0])
+  rare = pool.copy()
+  rare[:, 5] = 0
+  rare[:6, 5] = 1  # class 5 in 6 rows: 4 shots + 2 validation fit, 4 + 4 do not
+  datasets.sample_multilabel(rare, shots=4, val_shots=2, seed=1)
+  with pytest.raises(UserError, match="class 5"):
+    datasets.sample_multilabel(rare, shots=4, val_shots=4, seed=1)
+
+
+def test_scenes_dataset_labels_are_the_objects_shown():
+  from vlm_jax.data import synthetic_scenes
+  from vlm_jax.transfer import datasets
+  ds = datasets.open_dataset("synthetic:scenes", image_size=32, test_per_class=2)
+  assert ds.multilabel and ds.num_classes == 48 and datasets.is_multilabel("scenes")
+  train = ds.load("train", indices=[0, 5, 9])
+  src = synthetic_scenes.OpenVocabScenes("train", image_size=32, view="eval")
+  for row, i in zip(train.labels, (0, 5, 9)):
+    el = src[i]
+    want = sorted(ds.class_names.index(synthetic_scenes.class_names()[c]) for c in el["classes"][el["valid"]])
+    assert sorted(np.flatnonzero(row).tolist()) == sorted(set(want))
+    np.testing.assert_array_equal(train.images[[0, 5, 9].index(i)], el["image"])
+  test = ds.load("test")
+  assert test.labels.shape == (len(test.images), 48) and test.labels.sum(0).min() >= 2
+  assert test.labels[:-1].sum(0).min() < 2  # the smallest such prefix of the test stream
+
+
+def test_label_kind_mismatch_is_one_line_exit_2(tmp_path, capsys):
+  from vlm_jax.transfer import benchmark
+  from vlm_jax.transfer.__main__ import run
+  for config, dataset, words in (("dualcoop", "shifted_hues", "multi-label method"),
+                                 ("coop", "scenes", "single-label method")):
+    with pytest.raises(SystemExit) as e:
+      run(["prog", f"--config=configs/transfer/{config}.py:tiny", f"--workdir={tmp_path / config}",
+           f"--config.dataset={dataset}"])
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("error: ")]
+    assert e.value.code == 2 and len(err) == 1 and words in err[0], err
+  with pytest.raises(SystemExit) as e:  # the grid checks every method before its first cell
+    benchmark.run(["--methods=zeroshot,dualcoop,coop", "--dataset=scenes", f"--workdir={tmp_path / 'grid'}"])
+  assert e.value.code == 2 and not (tmp_path / "grid").exists()
+
+
+def test_benchmark_table_and_plot_report_map(tmp_path):
+  from vlm_jax.transfer import benchmark
+  cells = [{"method": m, "shots": k, "seed": 1, "metric": "mAP", "mAP": v, "zeroshot/mAP": 0.24, "chance": 0.06}
+           for m, k, v in (("zeroshot", 1, 0.24), ("zeroshot", 16, 0.24), ("dualcoop", 1, 0.1), ("dualcoop", 16, 0.2))]
+  md = benchmark.table(cells, ["zeroshot", "dualcoop"], [1, 16], "few_shot")
+  assert "| dualcoop | 10.0 ± 0.0 | 20.0 ± 0.0 |" in md and md.rstrip().endswith(
+      "mAP % on the test split, mean ± std over seeds; chance (mean class frequency) 6.0%.")
+  benchmark.plot(cells, ["zeroshot", "dualcoop"], [1, 16], str(tmp_path / "plots" / "mAP_vs_shots.png"))
+  assert (tmp_path / "plots" / "mAP_vs_shots.png").stat().st_size > 0
+
+
+# 46 steps at batch 32 (2 epochs of the 721 16-shot scenes), no warmup, AdamW 1e-2. Measured on the ViT fixture
+# (2-core CPU under load ~11, seed 1, 249 test scenes): chance mAP 0.060, zero-shot 0.240, DualCoOp at step 0
+# 0.084 (all scores 0: the images' order), after 46 steps 0.163 (val 0.157). Zero-shot is not beaten: 0.14-0.17
+# with lr 2e-3 / 1e-2 / 3e-2, 5 epochs, class-specific contexts, M = 16 random init, or plain BCE instead of ASL.
+# The region-aggregated hand-crafted prompt alone (S⁺ of "a photo of a {}") ranks at 0.266: the patch tokens
+# carry the information; the learned S⁺ − S⁻ does not reach it. The ResNet fixture's MaskCLIP map at 32 px is
+# 1×1 (R = 1: no regions to aggregate): DualCoOp 0.095 there after 115 steps, zero-shot 0.269.
+RECIPE = ("--config.epochs=2", "--config.warmup_epochs=0", "--config.optimizer.lr=0.01")
+
+
+def _dualcoop_run(base: str, workdir, capsys, *flags) -> dict:
+  from vlm_jax.transfer.__main__ import run
+  run(["prog", "--config=configs/transfer/dualcoop.py:tiny", f"--workdir={workdir}",
+       f"--config.init.checkpoint={base}", "--config.test_per_class=8", "--config.log_every_steps=1000",
+       "--config.checkpoint_every_steps=1000", *flags])
+  last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f) == last
+  return last
+
+
+def test_dualcoop_learns_on_scenes_through_the_entry_point(pretrained_vit, tmp_path, capsys):
+  """DualCoOp on the 48-class multi-object scenes (16 shots) through `python -m vlm_jax.transfer`'s function:
+  the result keys, and a learning effect: test mAP after training above its mAP at step 0 (both contexts from
+  the same phrase: every score 0, i.e. the test images' order) and above chance (mean class frequency).
+  Zero-shot (the frozen model's cosine logits) is printed, not asserted against (numbers in the docstring of
+  configs/transfer/dualcoop.py)."""
+  flags = ["--config.shots=16"]
+  start = _dualcoop_run(pretrained_vit, tmp_path / "step0", capsys, *flags, "--config.epochs=0")
+  r = _dualcoop_run(pretrained_vit, tmp_path / "trained", capsys, *flags, *RECIPE)
+  assert {"method": "dualcoop", "dataset": "scenes", "shots": 16, "seed": 1, "metric": "mAP"}.items() <= r.items()
+  assert {"mAP", "zeroshot/mAP", "val/mAP", "zeroshot/val_mAP", "chance", "selected_step"} <= set(r)
+  assert "top1" not in r and start["steps"] == 0 and r["steps"] > 0
+  print(f"dualcoop on scenes, 16 shots ({r['train_images']} images, {r['steps']} steps, test {r['test_images']}): "
+        f"chance mAP {r['chance']:.3f}, zero-shot mAP {r['zeroshot/mAP']:.3f}, step 0 {start['mAP']:.3f}, "
+        f"trained {r['mAP']:.3f} (val {r['val/mAP']:.3f} at step {r['selected_step']})")
+  assert r["mAP"] > start["mAP"] and r["mAP"] > r["chance"] + 0.03, r

@@ -5,7 +5,8 @@
 
 Trains the method of `config.method` around a frozen base model and evaluates it (`vlm_jax.transfer.run`).
 Rerunning the same command resumes from the newest readable checkpoint in DIR. The last stdout line is one JSON
-object: method, dataset, shots, seed, zeroshot/top1, top1 (and base/top1, novel/top1, harmonic_mean).
+object: method, dataset, shots, seed, metric, zeroshot/top1, top1 (and base/top1, novel/top1, harmonic_mean);
+on a multi-label dataset (--config.dataset=scenes, DualCoOp) metric is "mAP" with mAP and zeroshot/mAP.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ COMMAND = ConfigCommand("configs/transfer/coop.py:tiny", check=preflight.transfe
 
 
 def summary(r: dict) -> str:
-  line = (f"{r['method']} on {r['dataset']} ({r['shots']} shots, seed {r['seed']}): top-1 {100 * r['top1']:.1f}% | "
-          f"zero-shot {100 * r['zeroshot/top1']:.1f}% | chance {100 * r['chance']:.1f}%")
+  m = r.get("metric", "top1")
+  label = "top-1" if m == "top1" else m
+  line = (f"{r['method']} on {r['dataset']} ({r['shots']} shots, seed {r['seed']}): {label} {100 * r[m]:.1f}% | "
+          f"zero-shot {100 * r['zeroshot/' + m]:.1f}% | chance {100 * r['chance']:.1f}%")
   if "harmonic_mean" in r:
     line += f" | base {100 * r['base/top1']:.1f}% novel {100 * r['novel/top1']:.1f}% (H)"
   return line

@@ -8,7 +8,11 @@ Each cell runs `configs/transfer/<method>.py:tiny` (or `--variant=full`) with da
 DIR/<method>/<shots>shot_seed<seed>/; a cell with a results.json is skipped, an interrupted one resumes from its
 checkpoint. Writes DIR/results.json (every cell), DIR/results.md (CoOp's layout: methods × shots, mean ± std
 top-1 over seeds; base-to-novel: Base / Novel / H) and DIR/plots/accuracy_vs_shots.png. The last stdout line is
-JSON: each method's mean top-1 at the largest k (harmonic mean for base-to-novel).
+JSON: each method's mean top-1 at the largest k (harmonic mean for base-to-novel), and "metric".
+
+A multi-label dataset (--dataset=scenes; methods zeroshot and dualcoop) reports mAP instead of top-1 (the cells'
+"metric"): results.md is mAP %, chance is the mean class frequency, the plot is DIR/plots/mAP_vs_shots.png.
+Every method is checked against the dataset's label kind before the first cell runs.
 """
 
 from __future__ import annotations
@@ -87,8 +91,14 @@ def method_config(opts: dict, method: str, overrides):
   return c
 
 
+def metric_of(cells: list[dict]) -> str:
+  """The cells' test metric: 'top1', or 'mAP' for a multi-label dataset."""
+  return cells[0].get("metric", "top1") if cells else "top1"
+
+
 def table(cells: list[dict], methods, shots, protocol: str) -> str:
   from vlm_jax.transfer.protocol import mean_std  # noqa: PLC0415
+  metric = metric_of(cells)
 
   def fmt(vals):
     m, s = mean_std(vals)
@@ -104,9 +114,10 @@ def table(cells: list[dict], methods, shots, protocol: str) -> str:
   else:
     lines = ["| method | " + " | ".join(f"{k} shots" for k in shots) + " |", "|---" * (len(shots) + 1) + "|"]
     for m in methods:
-      lines.append(f"| {m} | " + " | ".join(fmt(by(m, k, "top1")) for k in shots) + " |")
+      lines.append(f"| {m} | " + " | ".join(fmt(by(m, k, metric)) for k in shots) + " |")
   chance = cells[0]["chance"] if cells else float("nan")
-  return "\n".join(lines) + f"\n\nTop-1 % on the test split, mean ± std over seeds; chance {100 * chance:.1f}%.\n"
+  what, base = ("mAP", "chance (mean class frequency)") if metric == "mAP" else ("Top-1", "chance")
+  return "\n".join(lines) + f"\n\n{what} % on the test split, mean ± std over seeds; {base} {100 * chance:.1f}%.\n"
 
 
 def plot(cells, methods, shots, path: str) -> None:
@@ -115,15 +126,16 @@ def plot(cells, methods, shots, path: str) -> None:
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
   from vlm_jax.transfer.protocol import mean_std  # noqa: PLC0415
+  metric = metric_of(cells)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fig, ax = plt.subplots(figsize=(5, 4))
   for m in methods:
-    ms = [mean_std([c["top1"] for c in cells if c["method"] == m and c["shots"] == k]) for k in shots]
+    ms = [mean_std([c[metric] for c in cells if c["method"] == m and c["shots"] == k]) for k in shots]
     ax.errorbar(shots, [100 * a for a, _ in ms], yerr=[100 * s for _, s in ms], marker="o", label=m, capsize=3)
   ax.set_xscale("log", base=2)
   ax.set_xticks(shots, [str(k) for k in shots])
   ax.set_xlabel("shots per class")
-  ax.set_ylabel("top-1 (%)")
+  ax.set_ylabel("mAP (%)" if metric == "mAP" else "top-1 (%)")
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=100)
@@ -135,7 +147,9 @@ def run(argv: list[str] | None = None) -> dict:
   opts, overrides = parse(list(sys.argv[1:] if argv is None else argv))
   methods = [m for m in opts["methods"].split(",") if m]
   shots, seeds = _ints(opts["shots"], "shots"), _ints(opts["seeds"], "seeds")
-  from vlm_jax.transfer.run import transfer  # noqa: PLC0415
+  from vlm_jax.transfer.run import check_labels, transfer  # noqa: PLC0415
+  for m in methods:  # a method that cannot run on the dataset fails now, not after the cells before it
+    check_labels(m, opts["dataset"], opts["protocol"])
   workdir = os.path.abspath(opts["workdir"])
   cells = []
   for m in methods:
@@ -151,7 +165,8 @@ def run(argv: list[str] | None = None) -> dict:
         c = method_config(opts, m, overrides)
         c.shots, c.seed = k, s
         r = transfer(c, cell_dir, quiet=True)
-        print(f"{m} {k}-shot seed {s}: top-1 {100 * r['top1']:.1f}% (zero-shot {100 * r['zeroshot/top1']:.1f}%)",
+        key = r.get("metric", "top1")
+        print(f"{m} {k}-shot seed {s}: {key} {100 * r[key]:.1f}% (zero-shot {100 * r['zeroshot/' + key]:.1f}%)",
               flush=True)
         cells.append(r)
   os.makedirs(workdir, exist_ok=True)
@@ -160,10 +175,12 @@ def run(argv: list[str] | None = None) -> dict:
   md = table(cells, methods, shots, opts["protocol"])
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(md)
-  plot(cells, methods, shots, os.path.join(workdir, "plots", "accuracy_vs_shots.png"))
+  metric = metric_of(cells)
+  plot(cells, methods, shots, os.path.join(workdir, "plots", "mAP_vs_shots.png" if metric == "mAP" else
+                                           "accuracy_vs_shots.png"))
   print(md, flush=True)
   from vlm_jax.transfer.protocol import mean_std  # noqa: PLC0415
-  key = "harmonic_mean" if opts["protocol"] == "base_to_novel" else "top1"
+  key = "harmonic_mean" if opts["protocol"] == "base_to_novel" else metric
   last = {m: mean_std([c[key] for c in cells if c["method"] == m and c["shots"] == max(shots)])[0]
           for m in methods}
   print(json.dumps({"dataset": opts["dataset"], "shots": max(shots), "metric": key, **last}, sort_keys=True),

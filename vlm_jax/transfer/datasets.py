@@ -1,6 +1,6 @@
 """Transfer datasets by name: class names, prompt templates, k-shot train / validation sets and the test split.
 
-  ds = open_dataset('shifted_hues' | 'synthetic:NAME' | 'folder:ROOT' | 'tfds:NAME', image_size=S)
+  ds = open_dataset('shifted_hues' | 'synthetic:NAME' | 'folder:ROOT' | 'tfds:NAME' | 'scenes', image_size=S)
   ds.class_names, ds.templates
   train, val = few_shot(ds, shots=16, seed=1, val_shots=4, classes=…)   # Split(images uint8, labels int32)
   test = ds.load('test', classes=…)                                     # read once, after training
@@ -16,6 +16,9 @@ Sources:
 - `tfds:NAME`: a tfds dataset prepared locally (ArrayRecord; `vlm_jax.data.sources.TfdsSource`), splits 'train'
   and 'test' (`TFDS_SPLITS`: imagenet2012's and food101's test split is their 'validation', eurosat's an 80/20 cut
   of its only split); class names from its ClassLabel feature, unless a class-name file applies.
+- `scenes` (or 'synthetic:scenes'): multi-label, the multi-object synthetic scenes (`SceneDataset`); labels are
+  multi-hot [N, C], k-shot sets come from `few_shot_multilabel` (per class k images that contain it, union;
+  `sample_multilabel`), the metric is mAP. Base-to-novel is single-label only.
 Images get the base model's eval transform (shorter side → S, centre crop), then its normalisation.
 
 k-shot protocol (CoOp, Zhou et al. 2022): for seed s, k training images per class and `val_shots` (default
@@ -74,7 +77,7 @@ def tfds_base(name: str) -> str:
 
 class Split(NamedTuple):
   images: np.ndarray   # uint8 [N, S, S, 3]
-  labels: np.ndarray   # int32 [N]
+  labels: np.ndarray   # int32 [N]; float32 multi-hot [N, C] for a multi-label dataset (`SceneDataset`)
 
 
 def resolve_classes(source_names: Sequence[str], classnames: str = "", *, source: str,
@@ -98,6 +101,7 @@ def resolve_classes(source_names: Sequence[str], classnames: str = "", *, source
 
 class Dataset:
   """A named classification dataset: class names, templates and `load(split)` (see the module docstring)."""
+  multilabel = False
 
   def __init__(self, spec: str, *, image_size: int, templates: str | Sequence[str] = "",
                test_per_class: int = 16, classnames: str = ""):
@@ -159,6 +163,8 @@ class Dataset:
 def open_dataset(spec: str, *, image_size: int, templates: str | Sequence[str] = "",
                  test_per_class: int = 16, classnames: str = "") -> Dataset:
   """The dataset `spec` (module docstring); `classnames`: a class-name file for a folder / tfds dataset."""
+  if is_multilabel(spec):
+    return SceneDataset(image_size=image_size, templates=templates, test_per_class=test_per_class)
   return Dataset(spec, image_size=image_size, templates=templates, test_per_class=test_per_class,
                  classnames=classnames)
 
@@ -216,11 +222,12 @@ def train_iterator(split: Split, *, batch_size: int, seed: int, mean, std, flip:
   `get_state`/`set_state`, so the loop's checkpoints resume the exact stream."""
   import grain  # noqa: PLC0415
   images = normalize(split.images, mean, std).astype(np.float32)
-  labels = split.labels.astype(np.int32)
+  key = "labels" if split.labels.ndim == 2 else "label"  # multi-label: 'labels', float32 multi-hot [B, C]
+  labels = split.labels.astype(np.float32 if key == "labels" else np.int32)
   ds = grain.MapDataset.range(len(labels)).shuffle(seed=int(seed)).repeat()
 
   def row(i):
-    return {"image": images[i], "label": labels[i]}
+    return {"image": images[i], key: labels[i]}
 
   def flipped(el, rng):
     if rng.random() < 0.5:
@@ -234,3 +241,115 @@ def train_iterator(split: Split, *, batch_size: int, seed: int, mean, std, flip:
   ds = ds.batch(batch_size).map(lambda b: {k: v[process_index * per:(process_index + 1) * per]
                                            for k, v in b.items()})
   return iter(ds.to_iter_dataset())
+
+
+# --- multi-label: the multi-object synthetic scenes ------------------------------------------------------------
+MULTILABEL = ("scenes", "synthetic:scenes")
+SCENE_POOL = 4096  # the k-shot training and validation scenes are drawn from the first SCENE_POOL training scenes
+
+
+def is_multilabel(spec: str) -> bool:
+  """Whether dataset `spec` is multi-label (labels multi-hot [N, C], scored with mAP)."""
+  return str(spec) in MULTILABEL
+
+
+class SceneDataset:
+  """'scenes' (or 'synthetic:scenes'): multi-label recognition on the multi-object synthetic scenes of
+  `vlm_jax.data.synthetic_scenes` (2–4 objects on a textured background, every object annotated: its 'eval'
+  view). The classes are the 48 (shape, colour) pairs that occur in scenes (base and novel of its open-vocabulary
+  split, in class-id order; the 16 pre-training held-out pairs never occur); an image's positive labels are the
+  classes of the objects it shows. Splits: the first `SCENE_POOL` scenes of its 'train' stream are the pool the
+  k-shot sets are drawn from (`few_shot_multilabel`); 'test' is the first n scenes of its 'test' stream, n the
+  smallest count in which every class is present at least `test_per_class` times. Labels come from the scene
+  layouts (no rendering); images are rendered at `image_size` only for the scenes read. Templates: the
+  synthetic set (`vlm_jax/embedding/templates/synthetic.txt`)."""
+  multilabel = True
+  kind, name = "synthetic", "scenes"
+
+  def __init__(self, *, image_size: int, templates: str | Sequence[str] = "", test_per_class: int = 16):
+    from vlm_jax.data import synthetic_scenes  # noqa: PLC0415
+    self.image_size, self.test_per_class = int(image_size), int(test_per_class)
+    groups = synthetic_scenes.class_split()
+    self.class_ids = np.sort(np.concatenate([groups["base"], groups["novel"]])).astype(np.int32)
+    names = synthetic_scenes.class_names()
+    self.class_names = [names[c] for c in self.class_ids]
+    self.templates = prompts.load_templates(templates or "synthetic")
+    self._labels: dict[tuple[str, int], np.ndarray] = {}
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  def _source(self, split: str):
+    from vlm_jax.data import synthetic_scenes  # noqa: PLC0415
+    return synthetic_scenes.OpenVocabScenes(split, image_size=self.image_size, view="eval", num_samples=1 << 20)
+
+  def labels(self, split: str, n: int) -> np.ndarray:
+    """Multi-hot float32 [n, C] of the first `n` scenes of `split` (from their layouts)."""
+    if (split, n) not in self._labels:
+      col = np.full(int(self.class_ids.max()) + 1, -1, np.int64)
+      col[self.class_ids] = np.arange(self.num_classes)
+      src, out = self._source(split), np.zeros((n, self.num_classes), np.float32)
+      for i in range(n):
+        out[i, col[list(src.layout(i).classes)]] = 1.0
+      self._labels[(split, n)] = out
+    return self._labels[(split, n)]
+
+  def test_size(self) -> int:
+    """The number of test scenes: the smallest n in which every class is present `test_per_class` times."""
+    n = 64
+    while True:
+      counts = np.cumsum(self.labels("test", n), axis=0)
+      enough = np.flatnonzero((counts >= self.test_per_class).all(axis=1))
+      if len(enough):
+        return int(enough[0]) + 1
+      n *= 2
+
+  def load(self, split: str, *, indices: Sequence[int] | None = None) -> Split:
+    """The test split ('test'), or the training scenes `indices` of the pool ('train'; default: all of it)."""
+    if split not in ("train", "test"):
+      raise UserError(f"unknown split {split!r} of dataset scenes; use 'train' or 'test'")
+    n = self.test_size() if split == "test" else SCENE_POOL
+    idx = np.arange(n) if indices is None or split == "test" else np.asarray(indices, np.int64)
+    labels = self.labels(split, n)[idx]
+    src = self._source(split)
+    images = np.stack([src.element(int(i))["image"] for i in idx]) if len(idx) else \
+        np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+    return Split(images, labels)
+
+
+def sample_multilabel(labels: np.ndarray, *, shots: int, val_shots: int, seed: int,
+                      class_names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(train, validation) row indices of a multi-hot pool [P, C], sorted: the multi-label k-shot rule.
+
+  For seed s, each class c in label order draws `shots` rows that contain it, uniformly without replacement;
+  the training set is the union of these draws (so every class has at least k positives, usually more, as
+  images show several classes). The validation set is drawn the same way, `val_shots` per class, from the rows
+  not in the training set (disjoint). A class with too few rows left is a `UserError`."""
+  labels = np.asarray(labels) > 0
+  rng = np.random.default_rng((int(seed), 0x5108))
+  taken = np.zeros(len(labels), bool)
+  out = []
+  for k, what in ((int(shots), "training"), (int(val_shots), "validation")):
+    pick = np.zeros(len(labels), bool)
+    for c in range(labels.shape[1]):
+      rows = np.flatnonzero(labels[:, c] & ~taken)
+      if len(rows) < k:
+        name = class_names[c] if class_names is not None else c
+        raise UserError(f"class {name!r} is present in {len(rows)} unused pool images; {k} {what} images "
+                        f"per class need {k} (fewer shots, or a larger pool)")
+      pick[rng.choice(rows, k, replace=False)] = True
+    taken |= pick
+    out.append(np.flatnonzero(pick))
+  return out[0], out[1]
+
+
+def few_shot_multilabel(ds: SceneDataset, *, shots: int, seed: int, val_shots: int | None = None
+                        ) -> tuple[Split, Split]:
+  """(k-shot train, k-shot validation) of a multi-label dataset for `seed` (`sample_multilabel` over the pool of
+  its training split; val_shots default min(k, 4), as `few_shot`)."""
+  shots = int(shots)
+  val_shots = min(shots, 4) if val_shots is None or int(val_shots) < 0 else int(val_shots)
+  tr, va = sample_multilabel(ds.labels("train", SCENE_POOL), shots=shots, val_shots=val_shots, seed=seed,
+                             class_names=ds.class_names)
+  return ds.load("train", indices=tr), ds.load("train", indices=va)

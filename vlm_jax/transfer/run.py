@@ -6,14 +6,20 @@
    `vlm_jax.runs`, built by `vlm_jax.assembly` with its BatchNorm frozen (a ResNet tower's
    `train_batch_stats = False`: running statistics, never updated).
 2. The dataset (`datasets.py`), the k-shot training and validation sets of `config.seed`, the classes trained on
-   (all; the base half with `config.protocol = 'base_to_novel'`).
+   (all; the base half with `config.protocol = 'base_to_novel'`). A multi-label dataset ('scenes') has multi-hot
+   labels, batches carry 'labels' [B, C] and the metric is mAP (`metric: "mAP"`); only multi-label methods
+   (`MULTI_LABEL`: DualCoOp) and zero-shot run on it, and multi-label methods on nothing else (`UserError`).
 3. The method (`methods.build_method(config.method.name, …)`): a module holding the base as 'base' plus a loss.
    Its base parameters are frozen (`config.frozen = '^base/'`), copied from the base run (`config.init`) and
    kept by reference (`config.checkpoint_frozen = False`: not in the checkpoints, fingerprint verified).
 4. The one training loop (`vlm_jax.train.loop.train`) for `epochs` × ⌈N/B⌉ steps, the first `warmup_epochs`
    at the constant warmup lr, validating every `eval_every_epochs` (`protocol.Selector` keeps the best step).
-5. The test split is read now, and only now: top-1 of the selected parameters and of zero-shot CLIP (and base /
-   novel / harmonic mean for base-to-novel). `DIR/results.json` holds them; the return value too.
+   `epochs = 0` evaluates the method at its initialisation (the loop's initial parameters: step 0).
+5. The test split is read now, and only now: the metric (`metric`: 'top1', or 'mAP' for a multi-label dataset)
+   of the selected parameters and of zero-shot CLIP (`zeroshot/<metric>`; multi-label: its cosine logits per
+   class as scores), and `chance` (1/C; multi-label: the mean class frequency of the test split, ≈ the mAP
+   of random scores); base / novel / harmonic mean for base-to-novel. `DIR/results.json` holds them (with method,
+   dataset, shots, seed); the return value too.
 """
 
 from __future__ import annotations
@@ -33,6 +39,22 @@ from vlm_jax.transfer import datasets, protocol
 from vlm_jax.transfer.methods import TRAINING_FREE, build_method
 
 PROTOCOLS = ("few_shot", "base_to_novel")
+MULTI_LABEL = ("dualcoop",)   # methods that need multi-hot labels; every other needs single labels
+ANY_LABEL = ("zeroshot",)     # runs on both kinds
+
+
+def check_labels(method: str, dataset: str, protocol: str) -> bool:
+  """Whether `dataset` is multi-label; `UserError` when `method` or `protocol` cannot run on it."""
+  multilabel = datasets.is_multilabel(dataset)
+  if multilabel and method not in MULTI_LABEL + ANY_LABEL:
+    raise UserError(f"{method} is a single-label method and dataset {dataset!r} is multi-label: use "
+                    f"{' or '.join(MULTI_LABEL + ANY_LABEL)}, or a single-label dataset")
+  if not multilabel and method in MULTI_LABEL:
+    raise UserError(f"{method} is a multi-label method and dataset {dataset!r} is single-label: use "
+                    f"--config.dataset=scenes")
+  if multilabel and protocol != "few_shot":
+    raise UserError(f"protocol {protocol!r} is single-label only; use few_shot on dataset {dataset!r}")
+  return multilabel
 
 
 def load_base(checkpoint: str):
@@ -66,9 +88,20 @@ def _steps(config, n_train: int, batch: int) -> dict:
           "eval_every": every}
 
 
-def _accuracy(method, variables, split: datasets.Split, mean, std, batch: int) -> float:
+def _score(method, variables, split: datasets.Split, mean, std, batch: int, metric: str = "top1") -> float:
   fn = jax.jit(lambda v, x: method.logits_fn(method.module, v, x))
-  return protocol.top1(fn, variables, datasets.normalize(split.images, mean, std), split.labels, batch)
+  return protocol.METRICS[metric](fn, variables, datasets.normalize(split.images, mean, std), split.labels, batch)
+
+
+def initial_trainable(method, example: dict, seed: int) -> dict:
+  """The method's parameters at step 0, as the loop initialises them (`vlm_jax.train.state`: the params key of
+  PRNGKey(seed) split into (init, state), then init into (params, dropout, mask))."""
+  from vlm_jax.parallel import partitioning  # noqa: PLC0415
+  init_rng, _ = jax.random.split(jax.random.PRNGKey(int(seed)))
+  k_params, k_drop, k_mask = jax.random.split(init_rng, 3)
+  rngs = {"params": k_params, "dropout": k_drop, "mask": k_mask}
+  params = jax.jit(lambda: partitioning.unbox(method.module.init(rngs, example, train=False))["params"])()
+  return {k: x for k, x in jax.device_get(params).items() if k != "base"}
 
 
 def transfer(config, workdir: str, *, quiet: bool = False) -> dict:
@@ -77,6 +110,8 @@ def transfer(config, workdir: str, *, quiet: bool = False) -> dict:
   if config.protocol not in PROTOCOLS:
     raise UserError(f"unknown protocol {config.protocol!r}; use one of {PROTOCOLS}")
   name = str(config.method.name)
+  multilabel = check_labels(name, str(config.dataset), str(config.protocol))
+  metric = "mAP" if multilabel else "top1"
   base_cfg, tokenizer, base_model, base_vars = load_base(str(config.init.checkpoint))
   size, mean, std = runs.image_transform(base_cfg)
   if int(config.data.get("image_size", 0) or 0):
@@ -100,15 +135,19 @@ def transfer(config, workdir: str, *, quiet: bool = False) -> dict:
                         descriptions=[descriptions[c] for c in class_idx] if descriptions else None)
 
   method = make(name, classes)
-  train, val = datasets.few_shot(ds, shots=int(config.shots), seed=int(config.seed),
-                                 val_shots=int(config.val_shots), classes=classes)
+  if multilabel:
+    train, val = datasets.few_shot_multilabel(ds, shots=int(config.shots), seed=int(config.seed),
+                                              val_shots=int(config.val_shots))
+  else:
+    train, val = datasets.few_shot(ds, shots=int(config.shots), seed=int(config.seed),
+                                   val_shots=int(config.val_shots), classes=classes)
   eval_bs = int(config.eval_batch_size)
   zeroshot = make("zeroshot", classes)
   base_variables = nest_base(base_vars)
   results = {"method": name, "dataset": ds.name, "shots": int(config.shots), "seed": int(config.seed),
-             "protocol": str(config.protocol), "classes": len(classes), "chance": 1.0 / len(classes),
-             "train_images": len(train.labels), "val_images": len(val.labels),
-             "zeroshot/val_top1": _accuracy(zeroshot, base_variables, val, mean, std, eval_bs)}
+             "protocol": str(config.protocol), "metric": metric, "classes": len(classes),
+             "chance": 1.0 / len(classes), "train_images": len(train.labels), "val_images": len(val.labels),
+             f"zeroshot/val_{metric}": _score(zeroshot, base_variables, val, mean, std, eval_bs, metric)}
   workdir = loop.prepare_workdir(workdir)
   selected = base_variables
 
@@ -125,7 +164,8 @@ def transfer(config, workdir: str, *, quiet: bool = False) -> dict:
     evals = [m for m in range(s["eval_every"], s["total"], s["eval_every"]) if m > resume] + [s["total"]]
     jitted = jax.jit(lambda v, x: method.logits_fn(method.module, v, x))
     selector = protocol.Selector(workdir, jitted, datasets.normalize(val.images, mean, std), val.labels,
-                                 frozen=str(config.frozen), steps=evals, resume_step=resume, batch_size=eval_bs)
+                                 frozen=str(config.frozen), steps=evals, resume_step=resume, batch_size=eval_bs,
+                                 metric=metric)
 
     def make_data(process_index, process_count):
       return datasets.train_iterator(train, batch_size=batch, seed=int(config.seed), mean=mean, std=std,
@@ -141,23 +181,32 @@ def transfer(config, workdir: str, *, quiet: bool = False) -> dict:
       trainable = last_trainable(workdir, run_cfg)
     selected = nest_base(base_vars, trainable)
     results.update({"steps": s["total"], "batch_size": batch, "selected_step": int(step),
-                    "val/top1": selector.history.get(int(step), float("nan")),
+                    f"val/{metric}": selector.history.get(int(step), float("nan")),
                     "final/train_loss": float(last.get("loss", float("nan")))})
+  elif name not in TRAINING_FREE:  # epochs = 0: the method as initialised
+    example = {"image": datasets.normalize(train.images[:1], mean, std).astype(np.float32),
+               "labels" if multilabel else "label": train.labels[:1]}
+    selected = nest_base(base_vars, initial_trainable(method, example, int(config.seed)))
+    results.update({"steps": 0, "selected_step": 0,
+                    f"val/{metric}": _score(method, selected, val, mean, std, eval_bs, metric)})
   else:
-    results.update({"steps": 0, "selected_step": 0, "val/top1": results["zeroshot/val_top1"]})
+    results.update({"steps": 0, "selected_step": 0, f"val/{metric}": results[f"zeroshot/val_{metric}"]})
 
   # --- the test split: read here, after training and selection, and nowhere else ---
   test = ds.load("test")
+  if multilabel:
+    results["chance"] = float(np.mean(test.labels))  # mean class frequency ≈ the mAP of random scores
+    results["test_images"] = len(test.labels)
   groups = {"": classes} if config.protocol == "few_shot" else {"base/": classes, "novel/": novel}
   for prefix, idx in groups.items():
-    split = datasets.restrict(test, idx)
+    split = test if multilabel else datasets.restrict(test, idx)
     zs = make("zeroshot", idx) if idx != classes else zeroshot
-    results[f"zeroshot/{prefix}top1"] = _accuracy(zs, base_variables, split, mean, std, eval_bs)
+    results[f"zeroshot/{prefix}{metric}"] = _score(zs, base_variables, split, mean, std, eval_bs, metric)
     if prefix == "novel/" and config.method.get("class_specific", False):
       results[f"{prefix}top1"] = float("nan")  # class-specific context has nothing for unseen classes
     else:
       m = method if idx == classes else make(name, idx)
-      results[f"{prefix}top1"] = _accuracy(m, selected, split, mean, std, eval_bs)
+      results[f"{prefix}{metric}"] = _score(m, selected, split, mean, std, eval_bs, metric)
   if config.protocol == "base_to_novel":
     results["harmonic_mean"] = protocol.harmonic_mean(results["base/top1"], results["novel/top1"])
     results["zeroshot/harmonic_mean"] = protocol.harmonic_mean(results["zeroshot/base/top1"],

@@ -1,8 +1,11 @@
 """Distillation part 1 (ViLD): losses by hand, the teacher cache (miss, hit, resume), a missing teacher (exit 2, one
-line), exact resume after kill -9, and the behaviour on the pretrained ResNet fixture (teacher and backbone)."""
+line), exact resume after kill -9, the behaviour on the pretrained ResNet fixture (teacher and backbone), and the
+run directory evaluated by `python -m vlm_jax.evaluate` (the same metrics, plots and COCO JSON)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -52,10 +55,10 @@ def test_vild_text_loss_by_hand():
 
 
 def test_ensemble_is_the_weighted_geometric_mean():
-  from vlm_jax.distill import vild
+  from vlm_jax.models.detection import open_vocab
   p_text = np.array([[0.2, 0.5, 0.3]])    # bg, base class, novel class
   p_image = np.array([[0.1, 0.1, 0.8]])
-  s = np.asarray(vild.ensemble_scores(p_text, p_image, np.array([False, True]), weight=2 / 3))
+  s = np.asarray(open_vocab.ensemble_scores(p_text, p_image, np.array([False, True]), weight=2 / 3))
   np.testing.assert_allclose(s, [[0.5 ** (2 / 3) * 0.1 ** (1 / 3), 0.3 ** (1 / 3) * 0.8 ** (2 / 3)]], rtol=1e-6)
 
 
@@ -154,10 +157,26 @@ def _micro(teacher: str, cache: str, **method):
   return c
 
 
-def test_vild_image_adds_novel_ap_and_closed_set_scores_zero(tmp_path, pretrained_resnet):
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory, pretrained_resnet):
+  """The micro ViLD run (text + image) and its closed-set baseline, trained once for this module:
+  (workdir, teacher cache dir, final metrics as `distill` returned them, {file: bytes} of what its evaluators
+  wrote, read before any test rewrites them)."""
   from vlm_jax.distill import run
-  cache = str(tmp_path / "cache")
-  both = run.distill(_micro(pretrained_resnet, cache), str(tmp_path / "vild"), quiet=True)
+  root = tmp_path_factory.mktemp("vild_micro")
+  workdir, cache = str(root / "vild"), str(root / "cache")
+  metrics = run.distill(_micro(pretrained_resnet, cache), workdir, quiet=True)
+  files = {}
+  for d in (workdir, os.path.join(workdir, "baselines", "closed_set")):
+    for name in ("plots/detections.png", "detections_coco.json"):
+      with open(os.path.join(d, name), "rb") as f:
+        files[os.path.join(d, name)] = f.read()
+  return workdir, cache, metrics, files
+
+
+def test_vild_image_adds_novel_ap_and_closed_set_scores_zero(tmp_path, pretrained_resnet, micro_run):
+  from vlm_jax.distill import run
+  _, cache, both, _ = micro_run
   text_cfg = _micro(pretrained_resnet, cache, image_weight=0.0)
   text_cfg.baselines = ()
   text = run.distill(text_cfg, str(tmp_path / "vild_text"), quiet=True)
@@ -171,3 +190,61 @@ def test_vild_image_adds_novel_ap_and_closed_set_scores_zero(tmp_path, pretraine
     # measured: at micro scale (40 steps) the ViLD-image L1 term slows the classifier (novel AP50 0.05 vs 0.52);
     # at tiny scale (400 steps) ViLD-text + image leads on novel, 85.1 vs 83.9 (README "Distillation")
     pytest.xfail(f"ViLD (text + image) novel AP50 {both[key]:.3f} <= ViLD-text {text[key]:.3f} at micro scale")
+
+
+# ---- the run directory is evaluable on its own ----------------------------------------------------------------
+
+def test_saved_config_rebuilds_the_student(micro_run):
+  """config.model of the run (and of its baseline) describes the whole student: `build_model` rebuilds it."""
+  from vlm_jax import models, runs
+  from vlm_jax.models.detection.open_vocab import OpenVocabDetector
+  workdir = micro_run[0]
+  method = runs.read_config(workdir)
+  student = models.build_model(method.model)
+  assert isinstance(student, OpenVocabDetector) and student.classifier == "vild" and student.image_head
+  assert student.num_classes == 64 and student.temperature == method.method.temperature
+  baseline = models.build_model(runs.read_config(os.path.join(workdir, "baselines", "closed_set")).model)
+  assert isinstance(baseline, OpenVocabDetector) and baseline.classifier == "closed_set" and not baseline.image_head
+
+
+@pytest.mark.parametrize("baseline", ["", "closed_set"])
+def test_evaluate_cli_reproduces_the_run_metrics(micro_run, baseline):
+  """`python -m vlm_jax.evaluate --config=configs/eval/detection.py:micro --workdir=DIR` on the distillation run
+  (and on its baseline, DIR/baselines/closed_set) prints exactly the detection metrics the run reported for its
+  last step, and writes the same plots/detections.png and COCO JSON as the run's own evaluator."""
+  from vlm_jax.evaluate import cli
+  workdir, _, reported, files = micro_run
+  d = os.path.join(workdir, "baselines", baseline) if baseline else workdir
+  prefix = f"{baseline}/" if baseline else ""
+  want = {k[len(prefix):]: v for k, v in reported.items() if k.startswith(prefix + "detection/")}
+  assert {"detection/AP", "detection/AP50", "detection/AP50_base", "detection/AP50_novel", "detection/APr"} <= set(want)
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    got = cli.run(["vlm_jax.evaluate", "--config=configs/eval/detection.py:micro", f"--workdir={d}"])
+  assert got["step"] == 40
+  assert {k: v for k, v in got.items() if k.startswith("detection/")} == want  # every digit
+  printed = json.loads(out.getvalue().strip().splitlines()[-1])
+  assert printed == got and "detection: AP " in out.getvalue()
+  with open(os.path.join(d, "eval", "detection.json")) as f:
+    assert {k: v for k, v in json.load(f).items() if k in got} == got
+  for name in ("plots/detections.png", "detections_coco.json"):  # rewritten, byte for byte the same
+    with open(os.path.join(d, name), "rb") as f:
+      assert f.read() == files[os.path.join(d, name)], name
+
+
+def test_open_vocab_config_mistakes_are_user_errors():
+  from vlm_jax import models
+  from vlm_jax.errors import UserError
+  cfg = {"framework": "detector", "image": {"kind": "resnet", "layers": (1, 1, 1, 1), "width": 8, "heads": 2,
+                                            "output_dim": 16, "image_size": 64}, "embed_dim": 16}
+  assert not hasattr(models.build_model(cfg), "detect")  # a bare TwoStageDetector without open_vocab
+  built = models.build_model({**cfg, "open_vocab": {"num_classes": 5}})
+  assert (built.num_classes, built.embed_dim, built.classifier) == (5, 16, "vild")
+  for bad, fragment in (({"num_classes": 5, "bogus": 1}, "bogus"), ({"classifier": "vild"}, "num_classes"),
+                        ({"num_classes": 5, "classifier": "nosuch"}, "nosuch")):
+    with pytest.raises(UserError, match=fragment):
+      models.build_model({**cfg, "open_vocab": bad})
+  from vlm_jax.evaluate import detection  # synthetic scenes only: a COCO-data run is refused, not mis-scored
+  with pytest.raises(UserError, match="COCO"):
+    detection.detection_evaluator({"kind": "detection"}, model=built, tokenizer=None,
+                                  data_config={"coco": "instances.json:images", "image_size": 64})

@@ -3,6 +3,7 @@
   python -m vlm_jax.distill --config=configs/distill/vild.py:tiny --workdir=DIR [--config.teacher.checkpoint=MODEL]
   --config=configs/distill/vild.py:tiny,method=vild_text      ViLD-text only (no image distillation)
   --config=configs/distill/vild.py:tiny,method=pseudo_boxes   ViLD + PB-OVD pseudo boxes from captions
+  --config=configs/distill/vild.py:tiny,method=detpro         ViLD with DetPro's learned prompts as its classifier
   --config.data.coco=ANNOTATIONS.json:IMAGES_DIR              COCO-format data (OVR-CNN 48/17 split)
 
 `tiny`: the embedded synthetic scenes (64 px, novel objects unlabelled in training), the `make demo` run as the
@@ -19,6 +20,7 @@ METHODS = {  # name -> method settings (image_weight 0: no ViLD-image; pseudo_bo
     "vild": {"image_weight": 0.5, "pseudo_boxes": False},
     "vild_text": {"image_weight": 0.0, "pseudo_boxes": False},
     "pseudo_boxes": {"image_weight": 0.5, "pseudo_boxes": True},
+    "detpro": {"image_weight": 0.5, "pseudo_boxes": False},  # + method.detpro.enabled (below)
 }
 
 
@@ -32,9 +34,16 @@ def get_config(arg=None):
   c.method = ml_collections.ConfigDict({
       "name": a.method, "text_weight": 1.0, "temperature": 0.01, "ensemble_weight": 2 / 3, "top_k": 300,
       "max_detections": 100, "nms_iou": 0.5, **METHODS[a.method]})
-  # ViLD-image: class-agnostic proposals whose 1x and 1.5x crops the teacher embeds once (teacher_cache.py)
-  c.proposals = ml_collections.ConfigDict({"kind": "random", "per_image": 24, "min_size": 0.15, "max_size": 0.5,
-                                           "scales": (1.0, 1.5)})
+  # DetPro (Du et al. 2022): learned context prompts trained on the cached crops replace the hand-crafted prompt
+  # ensemble as the classifier (distill/detpro.py); bins: IoU edges of the graded contexts ((0.5, 1.0): one)
+  c.method.detpro = ml_collections.ConfigDict({
+      "enabled": a.method == "detpro", "n_ctx": 0, "init": "a photo of a", "init_std": 0.02,
+      "bins": (0.5, 0.6, 0.7, 0.8, 0.9, 1.0), "steps": 300, "lr": 1e-2, "batch_size": 256, "fg_fraction": 0.5,
+      "temperature": 0.0, "seed": 0})
+  # ViLD-image / PB-OVD: class-agnostic proposals whose 1x and 1.5x crops the teacher embeds once; 'rpn': the
+  # closed-set baseline's base-trained RPN (ViLD's offline proposals), 'random': seeded boxes (distill/proposals.py)
+  c.proposals = ml_collections.ConfigDict({"kind": "rpn", "per_image": 24, "nms_iou": 0.5, "min_size": 0.15,
+                                           "max_size": 0.5, "scales": (1.0, 1.5)})
   c.pseudo_boxes = ml_collections.ConfigDict({"scorer": "dense", "dense_size": 128, "temperature": 0.05,
                                               "max_boxes": 4})
   c.teacher_cache = ml_collections.ConfigDict({"dir": "", "chunk": 256})
@@ -70,6 +79,8 @@ def get_config(arg=None):
     c.total_steps, c.batch_size, c.log_every_steps, c.checkpoint_every_steps = 40, 8, 5, 10
     c.optimizer.warmup_steps = 5
     c.proposals.per_image = 8
+    c.method.detpro.steps = 200
+    c.proposals.kind = "random"  # no baseline needed first (tests); 'rpn' is tested on its own
     c.evals.detection.num_images, c.evals.detection.batch_size = 32, 8
     c.teacher_cache.chunk = 32
   elif a.variant != "tiny":

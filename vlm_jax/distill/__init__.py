@@ -9,6 +9,8 @@ Part 1, open-vocabulary detection (configs/distill/vild.py):
               1× and 1.5× crops; ViLD-ensemble at inference (weighted geometric mean)      `method=vild` (default)
   PB-OVD      (Gao et al. 2022) pseudo boxes of the caption's novel objects from the teacher's MaskCLIP dense maps,
               as extra ground truth                                                          `method=pseudo_boxes`
+  DetPro      (Du et al. 2022) context prompts learned on the cached crops (background interpretation,
+              IoU-graded contexts) replace the hand-crafted prompt ensemble as ViLD's classifier  `method=detpro`
   closed set  the baseline: a learned linear classifier over the base classes (novel AP 0 by construction),
               trained beside every method (`config.baselines`) and reported as `closed_set/detection/…`
 
@@ -18,16 +20,22 @@ Modules (each with its paper and equations):
   teacher_cache.py  proposals' crop embeddings cached on disk by teacher fingerprint + settings, resumable
   vild.py           ViLD-text / ViLD-image losses, the ensemble, the loss function of a student
   pseudo_boxes.py   PB-OVD pseudo boxes from captions and dense teacher maps
-  student.py        OpenVocabDetector: `models.detection`'s detector + the ViLD or closed-set classifier, `detect`
+  detpro.py         DetPro prompts learned from the cached crops (a preprocessing stage), cached by fingerprint
+  student.py        the student's `model.open_vocab` settings from `method` (the model itself, OpenVocabDetector:
+                    `models.detection.open_vocab`, the detector + the ViLD or closed-set classifier, `detect`)
   evaluation.py     COCO AP / AP50 / base and novel AP50 / APr (pycocotools), plots/detections.png, COCO JSON
   data.py           synthetic scenes or COCO JSON + images (OVR-CNN 48/17 split), the grain training iterator
 
 Config keys (configs/distill/vild.py): teacher {checkpoint, templates, batch_size}; method {name, text_weight,
 image_weight (0: no ViLD-image), temperature τ, ensemble_weight λ, pseudo_boxes, top_k, max_detections,
-nms_iou}; proposals {kind, per_image, min_size, max_size, scales}; pseudo_boxes {scorer 'dense'|'crops',
+nms_iou, detpro {enabled, n_ctx (0: the init phrase's length), init ('a photo of a'; '' random), init_std,
+bins (IoU edges of the graded contexts), steps, lr, batch_size, fg_fraction, temperature (0: the teacher's), seed}};
+proposals {kind, per_image, min_size, max_size, scales}; pseudo_boxes {scorer 'dense'|'crops',
 dense_size, temperature, max_boxes}; teacher_cache {dir ('' = $VLM_JAX_CACHE/distill_teacher), chunk};
 baselines; data {image_size, num_train, num_eval, seed, objects, p_novel, eval_split, coco, coco_eval,
 coco_split}; model (the detector: `vlm_jax.models.detection.detector.build`; image 'teacher' = the teacher's
-image tower); init.sources ('teacher' = config.teacher.checkpoint); frozen / checkpoint_frozen (the frozen backbone
+image tower; the run records embed_dim and open_vocab, the classifier from `method`, so the saved config rebuilds
+the whole student and `python -m vlm_jax.evaluate --config=configs/eval/detection.py --workdir=DIR` evaluates
+it); init.sources ('teacher' = config.teacher.checkpoint); frozen / checkpoint_frozen (the frozen backbone
 is kept by reference: `vlm_jax.runs.reference`); the usual run keys (batch_size, total_steps, optimizer, …).
 """

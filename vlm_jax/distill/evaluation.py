@@ -3,7 +3,9 @@
 Every evaluator of `config.evals` has kind 'detection' (`vlm_jax.evaluate.detection`: COCO AP, AP50, AP75,
 AP_base / AP50_base, AP_novel / AP50_novel and APr = AP_novel — the analogue of LVIS' rare-class AP that the
 published anchors report, ViLD R50 16.1 and OWL-ViT B/16 17.1 —, plots/detections.png, COCO JSON). It calls the
-student's `detect` (`student.OpenVocabDetector.detect`: every test-vocabulary class, novel ones included).
+student's `detect` (`models.detection.open_vocab.OpenVocabDetector.detect`: every test-vocabulary class, novel
+ones included). On synthetic scenes `python -m vlm_jax.evaluate --config=configs/eval/detection.py` reproduces
+these numbers from the run directory.
 
 Synthetic scenes go through the shared evaluator unchanged (held-out 'val' scenes, eval view, with the teacher's
 mean/std from `config.data`). COCO-format data (`data.coco_eval`, else `data.coco`) is read by

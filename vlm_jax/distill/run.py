@@ -5,9 +5,12 @@
 1. The teacher (`teacher.load_teacher`): frozen, fingerprinted; a missing one is a `UserError` naming `make demo`.
 2. Data (`data.make_source`): the training view (novel objects unlabelled) and the evaluation view; the
    vocabulary's text embeddings from the teacher's prompt ensemble.
-3. Teacher outputs that never change, cached on disk by teacher fingerprint + settings (`teacher_cache`): crop
-   embeddings of the proposals (ViLD-image) and pseudo boxes (PB-OVD).
-4. The student (`student.OpenVocabDetector` around `models.detection`'s detector) initialised from
+3. The baselines (below) train first; then the teacher outputs that never change, cached on disk by teacher
+   fingerprint + settings (`teacher_cache`): class-agnostic proposals (`proposals`: by default the closed-set
+   baseline's RPN, as ViLD's offline proposals), crop embeddings of the proposals (ViLD-image) and pseudo boxes
+   (PB-OVD).
+4. The student (`models.detection.open_vocab.OpenVocabDetector` around the detector, described whole by
+   `config.model` with its `open_vocab` classifier settings: `student_config`) initialised from
    `config.init.sources` ('teacher' names the teacher: by default its image tower becomes the backbone, frozen and
    kept by reference with `checkpoint_frozen=False`), its constants (text embeddings, masks) written at init.
 5. `vlm_jax.train.loop.train` for the method (workdir) and each baseline (workdir/baselines/<name>), each with
@@ -24,6 +27,7 @@ import numpy as np
 
 from vlm_jax import config_lib
 from vlm_jax.distill import data as data_lib
+from vlm_jax.distill import proposals as proposals_lib
 from vlm_jax.distill import pseudo_boxes as pb
 from vlm_jax.distill import student as student_lib
 from vlm_jax.distill import teacher as teacher_lib
@@ -50,14 +54,30 @@ def resolve(config, teacher) -> ml_collections.ConfigDict:
   return c
 
 
-def build_student(config, num_classes: int, embed_dim: int, *, closed_set: bool = False):
-  from vlm_jax.models.detection import detector  # noqa: PLC0415
-  cfg = {k: v for k, v in config_lib.plain(config.model).items() if k != "framework"}
-  cfg["embed_dim"] = int(embed_dim)
-  return student_lib.build(detector.build(cfg), config.method, num_classes, embed_dim, closed_set=closed_set)
+def student_config(config, num_classes: int, embed_dim: int, *, closed_set: bool = False) -> ml_collections.ConfigDict:
+  """A copy of `config` whose `model` describes the whole student: the detector with `embed_dim` (the teacher's
+  joint space) and `open_vocab`, its classifier over `num_classes` names (`student.open_vocab_config` of
+  `config.method`, or the closed-set baseline's). This is what the run records in config.json, so
+  `vlm_jax.models.build_model(config.model)` — and `python -m vlm_jax.evaluate --workdir=DIR` — rebuilds it."""
+  c = ml_collections.ConfigDict(config_lib.plain(config))
+  c.model.embed_dim = int(embed_dim)
+  c.model.open_vocab = student_lib.open_vocab_config(config.method, num_classes, closed_set=closed_set)
+  return c
 
 
-def teacher_outputs(config, teacher, source, class_emb: np.ndarray) -> dict:
+def build_student(config, num_classes: int | None = None, embed_dim: int | None = None, *,
+                  closed_set: bool = False):
+  """The student (`models.detection.open_vocab.OpenVocabDetector`) of `student_config(config, num_classes,
+  embed_dim)`; with `num_classes` None, of a config that already describes it (`student_config`'s, a saved run's)."""
+  from vlm_jax import models  # noqa: PLC0415
+  if num_classes is not None:
+    config = student_config(config, num_classes, embed_dim, closed_set=closed_set)
+  if not config_lib.plain(config.model).get("open_vocab"):
+    raise ValueError("config.model has no open_vocab: give num_classes and embed_dim (see student_config)")
+  return models.build_model(config.model)
+
+
+def teacher_outputs(config, teacher, source, class_emb: np.ndarray, workdir: str) -> dict:
   """{'proposals', 'crops'} (when ViLD-image is on) and {'pseudo_boxes', 'pseudo_classes'} (PB-OVD) per training
   image, from the on-disk caches (computed on a miss)."""
   out: dict = {}
@@ -67,15 +87,14 @@ def teacher_outputs(config, teacher, source, class_emb: np.ndarray) -> dict:
   if not need_props:
     return out
   n, hw = len(source), (int(config.data.image_size),) * 2
-  p = config_lib.plain(config.proposals)
-  if p.get("kind") != "random":
-    raise UserError(f"unknown proposals.kind {p.get('kind')!r}; use 'random'")
-  proposals = np.stack([teacher_cache.proposal_boxes(int(config.data.seed), i, int(p["per_image"]), hw,
-                                                     min_size=p["min_size"], max_size=p["max_size"])
-                        for i in range(n)])
-  out["proposals"] = proposals
+  proposals_lib.check(config)
+  p = proposals_lib.settings(config, workdir)
   base = {"teacher": teacher.fingerprint, "data": data_lib.settings(config.data), "proposals": p}
   root, chunk = config.teacher_cache.dir, int(config.teacher_cache.chunk)
+  props = teacher_cache.TeacherCache(  # the whole set at once: the 'rpn' kind runs the baseline's detector
+      root, {**base, "what": "proposals"}, n, lambda idx: {"proposals": proposals_lib.proposal_boxes(
+          config, workdir, source, build_student)[idx]}, chunk=n)
+  proposals = out["proposals"] = props.load()["proposals"]
   if need_crops:
     def crops(idx):
       images = np.stack([source[i]["image"] for i in idx])
@@ -159,7 +178,8 @@ def train_one(config, workdir: str, *, teacher, train_src, eval_src, class_emb, 
   if "pseudo_classes" in cached:
     pseudo = cached["pseudo_classes"]
     train_mask = train_mask | np.isin(np.arange(len(novel)), pseudo[pseudo >= 0])
-  model = build_student(config, len(novel), teacher.embed_dim, closed_set=closed_set)
+  config = student_config(config, len(novel), teacher.embed_dim, closed_set=closed_set)  # recorded in config.json
+  model = build_student(config)
   loss_fn = vild.make_loss_fn(text_weight=float(config.method.text_weight),
                               image_weight=0.0 if closed_set else float(config.method.image_weight))
   make = make_example_fn(config, cached, config.data.mean, config.data.std)
@@ -191,13 +211,18 @@ def distill(config, workdir: str, *, quiet: bool = False) -> dict:
   config = resolve(config, teacher)
   train_src = data_lib.make_source(config.data, "train")
   eval_src = data_lib.make_source(config.data, "eval")
+  proposals_lib.check(config)
   class_emb = teacher.text_embeddings(train_src.names)
-  cached = teacher_outputs(config, teacher, train_src, class_emb)
   common = dict(teacher=teacher, train_src=train_src, eval_src=eval_src, class_emb=class_emb, quiet=quiet)
   result = {}
-  for name in config.get("baselines") or ():
+  for name in config.get("baselines") or ():  # first: the closed-set baseline's RPN proposes for kind 'rpn'
     c = baseline_config(config, name)
     metrics = train_one(c, os.path.join(workdir, "baselines", name), cached={}, closed_set=True, **common)
     result.update({f"{name}/{k}": v for k, v in metrics.items() if k.startswith("detection/")})
+  cached = teacher_outputs(config, teacher, train_src, class_emb, workdir)
+  if (config.method.get("detpro") or {}).get("enabled"):  # DetPro's learned prompts become the method's classifier
+    from vlm_jax.distill import detpro  # noqa: PLC0415
+    common["class_emb"] = detpro.class_embeddings(config, teacher, train_src, cached, handcrafted=class_emb,
+                                                  quiet=quiet)
   metrics = train_one(config, workdir, cached=cached, closed_set=False, **common)
   return {**metrics, **result}

@@ -27,6 +27,10 @@ p_image = softmax(z_image / τ) over {bg} ∪ C_B ∪ C_N; the class score is th
 
 λ = 2/3 (the paper's default): the text head is trusted on base classes, the image head (distilled from the
 teacher) on novel ones.
+
+The scoring functions, z(r) (`cosine_logits`) and the ensemble (`ensemble_scores`), belong to the student model,
+`vlm_jax.models.detection.open_vocab` (which `python -m vlm_jax.evaluate` rebuilds without this package); they
+are imported here, not redefined.
 """
 
 from __future__ import annotations
@@ -34,24 +38,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-NEG = -1e9
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
-
-
-def cosine_logits(region: jax.Array, class_emb: jax.Array, background: jax.Array,
-                  class_mask: jax.Array | None = None) -> jax.Array:
-  """z(r) [..., 1 + C]: cosine of normalised region embeddings [..., E] with the background embedding [E]
-  (column 0) and the class embeddings [C, E]; classes where `class_mask` [C] is False get −1e9 (excluded)."""
-  e = l2_normalize(region)
-  sims = jnp.einsum("...e,ce->...c", e, l2_normalize(class_emb))
-  if class_mask is not None:
-    sims = jnp.where(class_mask, sims, NEG)
-  bg = jnp.einsum("...e,e->...", e, l2_normalize(background))[..., None]
-  return jnp.concatenate([bg, sims], axis=-1)
+from vlm_jax.models.detection.open_vocab import cosine_logits  # z(r): the student model's, one definition
+from vlm_jax.models.two_tower import l2_normalize
 
 
 def softmax_ce(logits: jax.Array, labels: jax.Array, weights: jax.Array):
@@ -88,20 +76,9 @@ def vild_image_loss(region: jax.Array, teacher: jax.Array, weights: jax.Array | 
   return (l1 * w).sum() / jnp.maximum(w.sum(), 1.0)
 
 
-def ensemble_scores(p_text: jax.Array, p_image: jax.Array | None, novel: jax.Array, *,
-                    weight: float = 2 / 3) -> jax.Array:
-  """ViLD-ensemble class scores [..., C] from probabilities over {bg} ∪ classes [..., 1 + C] (module docstring);
-  `novel` bool [C]. Without an image head (`p_image` None) the text probabilities of the classes."""
-  pt = p_text[..., 1:]
-  if p_image is None:
-    return pt
-  pi = p_image[..., 1:]
-  lam = jnp.where(novel, 1.0 - weight, weight)
-  return jnp.power(pt, lam) * jnp.power(pi, 1.0 - lam)
-
-
 def make_loss_fn(*, text_weight: float = 1.0, image_weight: float = 0.0):
-  """`loss_fn(outputs, batch) -> (loss, metrics)` of a student (`student.OpenVocabDetector` outputs):
+  """`loss_fn(outputs, batch) -> (loss, metrics)` of a student (the outputs of
+  `models.detection.open_vocab.OpenVocabDetector`):
 
       L = L_RPN + L_box + text_weight · L_cls + image_weight · L_ViLD-image,
 

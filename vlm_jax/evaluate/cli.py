@@ -3,13 +3,16 @@
   python -m vlm_jax.evaluate --config=configs/eval/synthetic.py --workdir=DIR
   python -m vlm_jax.evaluate --config=configs/eval/synthetic.py --checkpoint=CKPT [--workdir=OUT]
 
-CKPT (default: DIR) is a pre-training workdir, its `checkpoints/` folder or one `checkpoints/<step>` folder; the
-newest step is used unless a step folder is given. The model and tokenizer are rebuilt from the config saved
-in that checkpoint (`checkpoints/<step>/config`), its variables loaded (`vlm_jax.runs.load`: every collection, the newest readable step), and the
-suite's evaluators (`config.evals`, see `vlm_jax.evaluate`) run over the suite's mesh (`config.mesh`) with the
-checkpoint's data config updated by `config.data`. Results go to `OUT/eval/<config.name>.json` and plots under
-`OUT/plots/` (OUT: --workdir, else the run directory holding the checkpoint); the last line printed is one JSON
-object of the metrics (with `step`). User mistakes print one line `error: …` and exit with status 2.
+CKPT (default: DIR) is a run directory (pre-training, transfer or distillation), its `checkpoints/` folder or one
+`checkpoints/<step>` folder; the newest step is used unless a step folder is given. The model and tokenizer are
+rebuilt from the config saved in that checkpoint (`checkpoints/<step>/config`; a distillation run's `model`
+describes its whole student, `open_vocab` classifier included), its variables loaded (`vlm_jax.runs.load`: every
+collection, e.g. a student's 'constants' text embeddings; frozen weights kept by reference rebuilt from their
+verified source, e.g. the teacher; the newest readable step), and the suite's evaluators (`config.evals`, see
+`vlm_jax.evaluate`) run over the suite's mesh (`config.mesh`) with the checkpoint's data config updated by
+`config.data`. Results go to `OUT/eval/<config.name>.json` and plots under `OUT/plots/` (OUT: --workdir, else the
+run directory holding the checkpoint); the last line printed is one JSON object of the metrics (with `step`).
+User mistakes print one line `error: …` and exit with status 2.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ COMMAND = ConfigCommand(
     workdir_help="run directory: checkpoint source (unless --checkpoint) and where eval/<name>.json and plots/ "
     "are written", extra={"checkpoint": "a run directory, its checkpoints/ folder or a step folder"})
 _HEADLINES = ("top1", "seen_top1", "unseen_top1", "mean_average_precision", "image_to_text_R@1",
-              "text_to_image_R@1", "miou", "baseline_miou")
+              "text_to_image_R@1", "miou", "baseline_miou", "AP", "AP50_base", "AP50_novel", "APr")
 
 
 def parse_flags(argv: list[str]):

@@ -302,12 +302,18 @@ def detection_evaluator(cfg, *, model, tokenizer, data_config, plot_dir: str | N
   have a method (option `method`, default 'detect') with `model.apply(variables, images, method=…)` ->
   {'boxes' [B, D, 4] xyxy pixels, 'scores' [B, D], 'classes' [B, D] (, 'valid' [B, D])}: the final detections
   over all (base + novel) classes. Options: split ('val' | 'test'), num_images, image_size (0: the data's),
-  batch_size, max_dets, plots (plots/detections.png), coco_json (DIR/detections_coco.json next to plots/)."""
+  batch_size, max_dets, plots (plots/detections.png), coco_json (DIR/detections_coco.json next to plots/).
+  The scenes are `data_config`'s (seed, image_size, mean / std); COCO-format data (`data_config['coco']`, a
+  distillation run's) is a `UserError`: the distillation command evaluates it."""
   import jax  # noqa: PLC0415
 
   from vlm_jax.errors import UserError  # noqa: PLC0415
   from vlm_jax.evaluate import options  # noqa: PLC0415
   del tokenizer
+  if dict(data_config or {}).get("coco"):
+    raise UserError("the 'detection' evaluator scores synthetic open-vocabulary scenes, but this run's data is "
+                    "COCO-format (data.coco): its own command evaluates it (rerunning `python -m vlm_jax.distill` "
+                    "on its workdir resumes at the last step and runs its COCO evaluator)")
   o = options(cfg, {"split": "val", "num_images": 128, "image_size": 0, "batch_size": 32, "max_dets": MAX_DETS,
                     "method": "detect", "plots": True, "coco_json": True}, "detection")
   if not hasattr(model, o["method"]):

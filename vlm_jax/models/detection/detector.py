@@ -25,6 +25,9 @@ A pure loss takes out['rpn_loss'] + out['box_loss'] + its classification loss on
 out['targets']['classes'] / ['weights']. Random choices (anchor and RoI sampling) use `rng` or else the 'mask'
 rng stream that the training loop provides. `init` skips proposals, sampling and losses (parameters only), so it
 compiles quickly; its output has only anchors, rpn_logits, rpn_deltas and the box head's outputs for one box.
+
+`build(cfg)` with `cfg['open_vocab']` returns the detector wrapped in `open_vocab.OpenVocabDetector` (region
+classification against text embeddings, ViLD, or a closed-set head; `detect` gives final detections).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import jax.numpy as jnp
 
 from vlm_jax.errors import UserError
 from vlm_jax.models.detection import anchors as anchor_lib
-from vlm_jax.models.detection import heads, rpn as rpn_lib
+from vlm_jax.models.detection import heads, open_vocab, rpn as rpn_lib
 from vlm_jax.models.detection.boxes import ROI_WEIGHTS, clip_boxes, decode
 from vlm_jax.models.detection.fpn import FPN, SimpleFeaturePyramid
 
@@ -179,11 +182,13 @@ class TwoStageDetector(nn.Module):
 
 _HEAD_KEYS = ("fc_dim", "num_fc", "roi_size", "sampling_ratio", "canonical_size", "canonical_level")
 _OWN_KEYS = ("image", "two_tower", "pyramid", "pyramid_channels", "embed_dim", "dtype", "param_dtype", "scan",
-             "remat")
+             "remat", "open_vocab")
 
 
-def build(cfg: Mapping[str, Any]) -> TwoStageDetector:
-  """`TwoStageDetector` from a model config (framework 'detector'):
+def build(cfg: Mapping[str, Any]) -> nn.Module:
+  """`TwoStageDetector` from a model config (framework 'detector'), wrapped in an `open_vocab.OpenVocabDetector`
+  when the config has `open_vocab` (its classifier settings: `open_vocab.build`), so a distillation student
+  is rebuilt from its run's saved config:
     image: encoder dict {'kind': 'resnet'|'vit', 'variant', …} (a bare image tower: params['backbone'] is a CLIP
         checkpoint's params['img']), or two_tower: a whole two-tower model config (params['backbone'] is a CLIP
         model's params; only the image side is created);
@@ -235,5 +240,8 @@ def build(cfg: Mapping[str, Any]) -> TwoStageDetector:
   if sizes is not None and len(sizes) != levels:
     raise UserError(f"anchor_sizes needs one entry per pyramid level ({levels}), got {len(sizes)}")
   head = heads.BoxHead(int(cfg.get("embed_dim", 512)), **{k: cfg[k] for k in _HEAD_KEYS if k in cfg}, **kw)
-  return TwoStageDetector(backbone=backbone, pyramid=pyramid, rpn=rpn_lib.RPNHead(per_cell, **kw), box_head=head,
-                          **det)
+  detector = TwoStageDetector(backbone=backbone, pyramid=pyramid, rpn=rpn_lib.RPNHead(per_cell, **kw),
+                              box_head=head, **det)
+  if cfg.get("open_vocab"):
+    return open_vocab.build(detector, models._plain(cfg["open_vocab"]), int(cfg.get("embed_dim", 512)))
+  return detector

@@ -17,7 +17,8 @@ trained with the Asymmetric Loss (Ridnik et al. 2021, as the paper), per class a
 
 (γ+ = 1, γ− = 2, m = 0.05 by default). The score of class c is the log-odds τ⁻¹ (S⁺_c − S⁻_c) (`logits_fn`:
 multi-label scores, evaluated with mAP). τ⁻¹ is the base's logit scale. Batches carry 'labels', multi-hot
-[B, C]. Paper: M = 16 (both), SGD lr 2e-3.
+[B, C]: `python -m vlm_jax.transfer --config=configs/transfer/dualcoop.py:tiny` trains it on the multi-label
+'scenes' dataset (`vlm_jax.transfer.datasets.SceneDataset`). Paper: M = 16 (both), SGD lr 2e-3.
 
 Config (`config.method`): as CoOp's (`coop.prompt_options`): n_ctx, position, init (phrase or ''; both contexts
 start from it: every score is then 0 and the loss pulls them apart), class_specific, init_std; gamma_pos,

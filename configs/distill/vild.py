@@ -38,7 +38,7 @@ def get_config(arg=None):
   # ensemble as the classifier (distill/detpro.py); bins: IoU edges of the graded contexts ((0.5, 1.0): one)
   c.method.detpro = ml_collections.ConfigDict({
       "enabled": a.method == "detpro", "n_ctx": 0, "init": "a photo of a", "init_std": 0.02,
-      "bins": (0.5, 0.6, 0.7, 0.8, 0.9, 1.0), "steps": 300, "lr": 1e-2, "batch_size": 256, "fg_fraction": 0.5,
+      "bins": (0.5, 0.6, 0.7, 0.8, 0.9, 1.0), "steps": 1000, "lr": 1e-2, "batch_size": 256, "fg_fraction": 0.5,
       "temperature": 0.0, "seed": 0})
   # ViLD-image / PB-OVD: class-agnostic proposals whose 1x and 1.5x crops the teacher embeds once; 'rpn': the
   # closed-set baseline's base-trained RPN (ViLD's offline proposals), 'random': seeded boxes (distill/proposals.py)

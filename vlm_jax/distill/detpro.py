@@ -45,6 +45,12 @@ init and minibatches). Context init: the token embeddings of `init` ('a photo of
 `n_ctx` is 0), or N(0, init_std²) when `init` is ''. With the phrase init and zero steps, t_c is exactly the
 teacher's embedding of "a photo of a {name}." (tests/test_distill_detpro.py).
 
+Measured with the pretrained ResNet fixture as teacher (base-class top-1 of the learned vs the hand-crafted prompt
+ensemble on the training foreground crops, in-sample; chance 1/32): micro (64 images × 8 random proposals, 16
+foreground) 200 steps 0.938 vs 0.750; tiny-sized data with random proposals (1024 images × 24, 731 foreground)
+1000 steps 0.785 vs 0.778 in about a minute on 2 shared CPU cores — after 300 steps 0.735, and with one bin
+instead of five 0.666 (the background term dominates the early steps).
+
 Config (`config.method.detpro`): enabled, n_ctx, init, init_std, bins, steps, lr, batch_size, fg_fraction,
 temperature τ, seed.
 """
@@ -89,7 +95,7 @@ def assign(proposals: np.ndarray, gt_boxes: np.ndarray, gt_classes: np.ndarray, 
   """Foreground / background labels of proposals [N, P, 4] against ground truth [N, K, 4] with vocabulary classes
   [N, K] (−1 padding; only classes where `base` [C] is True count): (label [N, P] = the class of the best-overlapping
   base box when its IoU ≥ bins[0], else −1 (background); bin [N, P] = k with bins[k] ≤ IoU < bins[k+1], the last
-  bin closed, −1 for background)."""
+  bin also taking IoU ≥ its upper edge, −1 for background)."""
   from vlm_jax.models.detection import boxes as box_ops  # noqa: PLC0415
   edges = np.asarray(bins, np.float32)
   cls = np.asarray(gt_classes)

@@ -152,6 +152,9 @@ def distill(config, flags: Mapping) -> None:
   for key, low in (("image_size", 8), ("num_train", 1), ("num_eval", 1)):
     integer(config.data, key, low, "data.")
   integer(config.proposals, "per_image", 1, "proposals.")
+  if (config.method.get("detpro") or {}).get("enabled"):
+    from vlm_jax.distill import detpro  # noqa: PLC0415
+    detpro.check(config)  # DetPro's settings, and the crop cache it learns from
 
 
 def evaluate(suite, flags: Mapping) -> None:

@@ -90,6 +90,17 @@ def settings(cfg) -> dict:
   return s
 
 
+def check(config) -> dict:
+  """The DetPro settings of a run config with DetPro enabled; also a `UserError` when the run caches no crop
+  embeddings to learn from (ViLD-image off and no crop-scored pseudo boxes: `run.teacher_outputs`'s condition).
+  Called by `preflight.distill` and `class_embeddings`."""
+  s = settings(config.method.get("detpro"))
+  m = config.method
+  if not (float(m.image_weight) > 0 or (m.pseudo_boxes and config.pseudo_boxes.get("scorer") == "crops")):
+    raise UserError("method.detpro learns from the teacher's crop cache: set method.image_weight > 0 (ViLD-image)")
+  return s
+
+
 def assign(proposals: np.ndarray, gt_boxes: np.ndarray, gt_classes: np.ndarray, base: np.ndarray,
            bins) -> tuple[np.ndarray, np.ndarray]:
   """Foreground / background labels of proposals [N, P, 4] against ground truth [N, K, 4] with vocabulary classes
@@ -339,9 +350,9 @@ def class_embeddings(config, teacher, source, cached: dict, *, handcrafted: np.n
                      quiet: bool = False) -> np.ndarray:
   """DetPro's class embeddings [C, E] of `source.names` for ViLD's classifier, from the on-disk cache (trained on a
   miss). `cached` is `run.teacher_outputs(…)` ('proposals', 'crops'); base classes = the trained, non-novel ones."""
-  s = settings(config.method.get("detpro"))
+  s = check(config)
   if "crops" not in cached:
-    raise UserError("method.detpro learns from the teacher's crop cache: set method.image_weight > 0 (ViLD-image)")
+    raise UserError("method.detpro learns from the teacher's crop cache, which this run did not compute")
   names = list(source.names)
   base = ~np.asarray(source.novel, bool) & np.asarray(source.test_mask, bool)
   path = cache_path(config, teacher, names, base, cached, s)

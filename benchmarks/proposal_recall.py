@@ -39,7 +39,12 @@ def main(argv=None):
   from vlm_jax import runs  # noqa: PLC0415
   from vlm_jax.distill import data as data_lib  # noqa: PLC0415
   from vlm_jax.distill import proposals, run  # noqa: PLC0415
-  config = ml_collections.ConfigDict(runs.read_config(args.workdir).to_dict())
+  from vlm_jax.errors import UserError  # noqa: PLC0415
+  try:
+    config = runs.read_config(args.workdir)
+  except (FileNotFoundError, ValueError, UserError):  # the method has not checkpointed yet: its baseline's data and proposals
+    config = runs.read_config(proposals.source_dir(args.workdir))
+  config = ml_collections.ConfigDict(config.to_dict())
   if args.per_image:
     config.proposals.per_image = args.per_image
   train = data_lib.make_source(config.data, "train")

@@ -70,3 +70,15 @@ def test_rpn_proposals_are_the_base_trained_baselines_and_cached_by_its_fingerpr
   iou = np.asarray(box_iou(got[0][:n_rpn[0]], got[0][:n_rpn[0]]))
   assert (iou[~np.eye(len(iou), dtype=bool)] <= float(c.proposals.nms_iou) + 1e-6).all()  # NMS across levels
   print(f"\nRPN boxes per image (of {c.proposals.per_image}): min {min(n_rpn)}, mean {np.mean(n_rpn):.1f}")
+
+
+def test_vild_text_alone_needs_no_proposals_nor_baseline():
+  from vlm_jax.distill import proposals
+  c = th.load_config("configs/distill/vild.py", "tiny,method=vild_text")
+  c.baselines = ()
+  assert c.proposals.kind == "rpn" and not proposals.needed(c)
+  proposals.check(c)  # no error: nothing uses the proposals
+  c.method.pseudo_boxes = True
+  assert proposals.needed(c) and not proposals.crops_needed(c)
+  with pytest.raises(Exception, match="closed_set"):
+    proposals.check(c)

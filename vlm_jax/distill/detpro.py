@@ -92,11 +92,11 @@ def settings(cfg) -> dict:
 
 def check(config) -> dict:
   """The DetPro settings of a run config with DetPro enabled; also a `UserError` when the run caches no crop
-  embeddings to learn from (ViLD-image off and no crop-scored pseudo boxes: `run.teacher_outputs`'s condition).
+  embeddings to learn from (ViLD-image off and no crop-scored pseudo boxes: `proposals.crops_needed`).
   Called by `preflight.distill` and `class_embeddings`."""
+  from vlm_jax.distill import proposals  # noqa: PLC0415
   s = settings(config.method.get("detpro"))
-  m = config.method
-  if not (float(m.image_weight) > 0 or (m.pseudo_boxes and config.pseudo_boxes.get("scorer") == "crops")):
+  if not proposals.crops_needed(config):
     raise UserError("method.detpro learns from the teacher's crop cache: set method.image_weight > 0 (ViLD-image)")
   return s
 

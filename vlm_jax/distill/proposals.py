@@ -36,11 +36,24 @@ def source_dir(workdir: str) -> str:
   return os.path.join(workdir, "baselines", SOURCE)
 
 
+def crops_needed(config) -> bool:
+  """Whether the run caches the teacher's crop embeddings of the proposals (ViLD-image, or crop-scored pseudo
+  boxes; DetPro learns from them too)."""
+  m = config.method
+  return float(m.image_weight) > 0 or bool(m.pseudo_boxes and config.pseudo_boxes.get("scorer") == "crops")
+
+
+def needed(config) -> bool:
+  """Whether the run uses proposals at all (ViLD-text alone does not)."""
+  return crops_needed(config) or bool(config.method.pseudo_boxes)
+
+
 def check(config) -> None:
+  """A `UserError` for an unknown kind, or for kind 'rpn' in a run that uses proposals without the baseline."""
   kind = config.proposals.get("kind", "random")
   if kind not in KINDS:
     raise UserError(f"unknown proposals.kind {kind!r}; use one of {list(KINDS)}")
-  if kind == "rpn" and SOURCE not in tuple(config.get("baselines") or ()):
+  if kind == "rpn" and needed(config) and SOURCE not in tuple(config.get("baselines") or ()):
     raise UserError(f"proposals.kind='rpn' takes the proposals of the {SOURCE!r} baseline's RPN: keep "
                     f"{SOURCE!r} in config.baselines, or set --config.proposals.kind=random")
 

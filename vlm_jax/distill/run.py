@@ -82,9 +82,8 @@ def teacher_outputs(config, teacher, source, class_emb: np.ndarray, workdir: str
   image, from the on-disk caches (computed on a miss)."""
   out: dict = {}
   m = config.method
-  need_crops = float(m.image_weight) > 0 or (m.pseudo_boxes and config.pseudo_boxes.scorer == "crops")
-  need_props = need_crops or bool(m.pseudo_boxes)
-  if not need_props:
+  need_crops = proposals_lib.crops_needed(config)
+  if not proposals_lib.needed(config):
     return out
   n, hw = len(source), (int(config.data.image_size),) * 2
   proposals_lib.check(config)

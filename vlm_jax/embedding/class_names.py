@@ -16,23 +16,20 @@ folders would be named in another order than the file).
 
 from __future__ import annotations
 
-import importlib.resources
-import os
 import re
 from typing import Sequence
 
 import numpy as np
 
+from vlm_jax.embedding import prompts
 from vlm_jax.errors import UserError
 
-_PACKAGE = "vlm_jax.embedding"
 _DIR = "classnames"
 
 
 def available() -> list[str]:
   """Names of the shipped class-name files."""
-  root = importlib.resources.files(_PACKAGE) / _DIR
-  return sorted(p.name[:-4] for p in root.iterdir() if p.name.endswith(".txt"))
+  return prompts.shipped(_DIR)
 
 
 def _parse(text: str, source: str) -> tuple[str, ...]:
@@ -44,17 +41,7 @@ def _parse(text: str, source: str) -> tuple[str, ...]:
 
 def load_class_names(spec: str) -> tuple[str, ...]:
   """Class names from a shipped file name ('oxford_pets') or a .txt path, one name per line, in label order."""
-  spec = str(spec)
-  if os.path.sep in spec or spec.endswith(".txt"):
-    try:
-      with open(spec, encoding="utf-8") as f:
-        return _parse(f.read(), spec)
-    except OSError as e:
-      raise UserError(f"cannot read class-name file {spec}: {e.strerror or e}") from None
-  path = importlib.resources.files(_PACKAGE) / _DIR / f"{spec}.txt"
-  if not path.is_file():
-    raise UserError(f"unknown class-name file {spec!r}; shipped: {available()} (or give a .txt path)")
-  return _parse(path.read_text(encoding="utf-8"), f"classnames/{spec}.txt")
+  return _parse(*prompts.read_list_file(str(spec), _DIR, "class-name file"))
 
 
 def name_key(name: str) -> str:

@@ -30,10 +30,31 @@ _PACKAGE = "vlm_jax.embedding"
 _DIR = "templates"
 
 
+def shipped(directory: str) -> list[str]:
+  """Names (without '.txt') of the text files shipped in vlm_jax/embedding/<directory>/."""
+  root = importlib.resources.files(_PACKAGE) / directory
+  return sorted(p.name[:-4] for p in root.iterdir() if p.name.endswith(".txt"))
+
+
+def read_list_file(spec: str, directory: str, what: str, *, name: str | None = None) -> tuple[str, str]:
+  """(text, source name) of a list file: a .txt path, or the file `name` (default `spec`) shipped in
+  vlm_jax/embedding/<directory>/; an unreadable or unknown one is a `UserError` naming `what` and `spec`."""
+  if os.path.sep in spec or spec.endswith(".txt"):
+    try:
+      with open(spec, encoding="utf-8") as f:
+        return f.read(), spec
+    except OSError as e:
+      raise UserError(f"cannot read {what} file {spec}: {e.strerror or e}") from None
+  name = spec if name is None else name
+  path = importlib.resources.files(_PACKAGE) / directory / f"{name}.txt"
+  if not name or not path.is_file():
+    raise UserError(f"unknown {what} {spec!r}; shipped: {shipped(directory)} (or give a .txt path)")
+  return path.read_text(encoding="utf-8"), f"{directory}/{name}.txt"
+
+
 def available() -> list[str]:
   """Names of the bundled template sets."""
-  root = importlib.resources.files(_PACKAGE) / _DIR
-  return sorted(p.name[:-4] for p in root.iterdir() if p.name.endswith(".txt"))
+  return shipped(_DIR)
 
 
 def _parse(text: str, source: str) -> tuple[str, ...]:
@@ -57,17 +78,8 @@ def load_templates(spec: str | Sequence[str]) -> tuple[str, ...]:
   (validated)."""
   if not isinstance(spec, str):
     return _parse("\n".join(spec), "templates")
-  if os.path.sep in spec or spec.endswith(".txt"):
-    try:
-      with open(spec, encoding="utf-8") as f:
-        return _parse(f.read(), spec)
-    except OSError as e:
-      raise UserError(f"cannot read template file {spec}: {e.strerror or e}") from None
-  name = spec.replace(":", "_", 1)   # 'coop:oxford_pets' -> coop_oxford_pets.txt
-  path = importlib.resources.files(_PACKAGE) / _DIR / f"{name}.txt"
-  if not name or not path.is_file():
-    raise UserError(f"unknown template set {spec!r}; bundled: {available()} (or give a .txt path)")
-  return _parse(path.read_text(encoding="utf-8"), f"templates/{name}.txt")
+  # 'coop:oxford_pets' -> coop_oxford_pets.txt
+  return _parse(*read_list_file(spec, _DIR, "template set", name=spec.replace(":", "_", 1)))
 
 
 def fill(template: str, class_name: str) -> str:

@@ -1,7 +1,7 @@
 """How well the distillation's class-agnostic proposals and PB-OVD pseudo boxes cover the objects of the training
 images, base (labelled) and novel (present but unlabelled), on the synthetic open-vocabulary scenes.
 
-  .venv/bin/python benchmarks/proposal_recall.py --workdir=DIR [--per_image=24]
+  .venv/bin/python benchmarks/proposal_recall.py --workdir=DIR [--per_image=24] [--scorer=dense|crops]
 
 DIR is a finished `python -m vlm_jax.distill` run of the synthetic scenes with its closed-set baseline
 (DIR/baselines/closed_set). For each proposal kind ('random' boxes, 'rpn' = the baseline's base-trained RPN,
@@ -32,6 +32,7 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", required=True)
   p.add_argument("--per_image", type=int, default=0, help="0: the run's proposals.per_image")
+  p.add_argument("--scorer", default="", help="pseudo_boxes.scorer to measure ('dense' | 'crops'; '': the run's)")
   args = p.parse_args(argv)
   sys.path.insert(0, ROOT)
   import ml_collections  # noqa: PLC0415
@@ -47,6 +48,8 @@ def main(argv=None):
   config = ml_collections.ConfigDict(config.to_dict())
   if args.per_image:
     config.proposals.per_image = args.per_image
+  if args.scorer:
+    config.pseudo_boxes.scorer = args.scorer
   train = data_lib.make_source(config.data, "train")
   full = data_lib.SyntheticDetection(  # the same training images, every object annotated
       "train", "eval", seed=int(config.data.seed), image_size=int(config.data.image_size),
@@ -92,7 +95,7 @@ def main(argv=None):
       matched += int(good.any(0).sum())
     print(json.dumps({"pseudo_boxes": total, "precision@0.5": round(hits / max(total, 1), 4),
                       "novel_objects": novel_total, "novel_recall@0.5": round(matched / max(novel_total, 1), 4),
-                      "proposals": config.proposals.kind}), flush=True)
+                      "proposals": config.proposals.kind, "scorer": config.pseudo_boxes.scorer}), flush=True)
 
 
 if __name__ == "__main__":

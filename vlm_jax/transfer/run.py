@@ -15,6 +15,10 @@
 4. The one training loop (`vlm_jax.train.loop.train`) for `epochs` × ⌈N/B⌉ steps, the first `warmup_epochs`
    at the constant warmup lr, validating every `eval_every_epochs` (`protocol.Selector` keeps the best step).
    `epochs = 0` evaluates the method at its initialisation (the loop's initial parameters: step 0).
+   Training-free methods (`TRAINING_FREE`) skip the loop; one with a `fit` hook (CALIP's β) gets the k-shot
+   train / validation sets (normalised) and returns the values it keeps. An unsupervised method (`pseudo_label`
+   hook, UPL) never sees a label: it labels the unlabelled training pool itself (`pseudo_labelled`), there is
+   no labelled validation (the last step is kept) and results say `labels_used: false`.
 5. The test split is read now, and only now: the metric (`metric`: 'top1', or 'mAP' for a multi-label dataset)
    of the selected parameters and of zero-shot CLIP (`zeroshot/<metric>`; multi-label: its cosine logits per
    class as scores), and `chance` (1/C; multi-label: the mean class frequency of the test split, ≈ the mAP
@@ -104,6 +108,18 @@ def initial_trainable(method, example: dict, seed: int) -> dict:
   return {k: x for k, x in jax.device_get(params).items() if k != "base"}
 
 
+def pseudo_labelled(method, ds, base_variables, config, mean, std) -> datasets.Split:
+  """The training set of an unsupervised method (`Method.pseudo_label`, UPL): the unlabelled training pool
+  (`datasets.unlabelled_pool`: images only, the labels are never read) labelled by the method itself."""
+  if config.protocol != "few_shot" or datasets.is_multilabel(str(config.dataset)):
+    raise UserError(f"{config.method.name} learns from unlabelled images: use protocol few_shot on a "
+                    f"single-label dataset")
+  images = datasets.unlabelled_pool(ds)
+  idx, labels = method.pseudo_label(base_variables, datasets.normalize(images, mean, std).astype(np.float32),
+                                    int(config.shots))
+  return datasets.Split(images[np.asarray(idx)], np.asarray(labels, np.int32))
+
+
 def transfer(config, workdir: str, *, quiet: bool = False) -> dict:
   """Runs (or resumes) one transfer run; writes and returns its results (module docstring)."""
   config = ml_collections.ConfigDict(config_lib.plain(config))
@@ -135,19 +151,23 @@ def transfer(config, workdir: str, *, quiet: bool = False) -> dict:
                         descriptions=[descriptions[c] for c in class_idx] if descriptions else None)
 
   method = make(name, classes)
-  if multilabel:
+  eval_bs = int(config.eval_batch_size)
+  zeroshot = make("zeroshot", classes)
+  base_variables = nest_base(base_vars)
+  if method.pseudo_label is not None:  # unsupervised (UPL): the training labels are never read
+    train, val = pseudo_labelled(method, ds, base_variables, config, mean, std), None
+  elif multilabel:
     train, val = datasets.few_shot_multilabel(ds, shots=int(config.shots), seed=int(config.seed),
                                               val_shots=int(config.val_shots))
   else:
     train, val = datasets.few_shot(ds, shots=int(config.shots), seed=int(config.seed),
                                    val_shots=int(config.val_shots), classes=classes)
-  eval_bs = int(config.eval_batch_size)
-  zeroshot = make("zeroshot", classes)
-  base_variables = nest_base(base_vars)
   results = {"method": name, "dataset": ds.name, "shots": int(config.shots), "seed": int(config.seed),
              "protocol": str(config.protocol), "metric": metric, "classes": len(classes),
-             "chance": 1.0 / len(classes), "train_images": len(train.labels), "val_images": len(val.labels),
-             f"zeroshot/val_{metric}": _score(zeroshot, base_variables, val, mean, std, eval_bs, metric)}
+             "chance": 1.0 / len(classes), "train_images": len(train.labels),
+             "val_images": 0 if val is None else len(val.labels), "labels_used": val is not None,
+             f"zeroshot/val_{metric}": float("nan") if val is None else
+             _score(zeroshot, base_variables, val, mean, std, eval_bs, metric)}
   workdir = loop.prepare_workdir(workdir)
   selected = base_variables
 
@@ -163,9 +183,9 @@ def transfer(config, workdir: str, *, quiet: bool = False) -> dict:
     resume = max(runs.steps(ckpt_dir), default=0) if os.path.isdir(ckpt_dir) else 0
     evals = [m for m in range(s["eval_every"], s["total"], s["eval_every"]) if m > resume] + [s["total"]]
     jitted = jax.jit(lambda v, x: method.logits_fn(method.module, v, x))
-    selector = protocol.Selector(workdir, jitted, datasets.normalize(val.images, mean, std), val.labels,
-                                 frozen=str(config.frozen), steps=evals, resume_step=resume, batch_size=eval_bs,
-                                 metric=metric)
+    selector = None if val is None else protocol.Selector(
+        workdir, jitted, datasets.normalize(val.images, mean, std), val.labels, frozen=str(config.frozen),
+        steps=evals, resume_step=resume, batch_size=eval_bs, metric=metric)
 
     def make_data(process_index, process_count):
       return datasets.train_iterator(train, batch_size=batch, seed=int(config.seed), mean=mean, std=std,
@@ -173,24 +193,30 @@ def transfer(config, workdir: str, *, quiet: bool = False) -> dict:
                                      process_count=process_count)
 
     last = loop.train(run_cfg, workdir, make_data=make_data, model=method.module, loss_fn=method.loss_fn,
-                      evaluators={"val": selector}, quiet=quiet)
-    if config.select == "val":
+                      evaluators={"val": selector} if selector else {}, quiet=quiet)
+    if config.select == "val" and selector is not None:  # no labelled validation (UPL): the last step
       step, trainable = selector.load_best()
     else:
       step = s["total"]
       trainable = last_trainable(workdir, run_cfg)
     selected = nest_base(base_vars, trainable)
     results.update({"steps": s["total"], "batch_size": batch, "selected_step": int(step),
-                    f"val/{metric}": selector.history.get(int(step), float("nan")),
+                    f"val/{metric}": selector.history.get(int(step), float("nan")) if selector else float("nan"),
                     "final/train_loss": float(last.get("loss", float("nan")))})
   elif name not in TRAINING_FREE:  # epochs = 0: the method as initialised
     example = {"image": datasets.normalize(train.images[:1], mean, std).astype(np.float32),
                "labels" if multilabel else "label": train.labels[:1]}
     selected = nest_base(base_vars, initial_trainable(method, example, int(config.seed)))
-    results.update({"steps": 0, "selected_step": 0,
-                    f"val/{metric}": _score(method, selected, val, mean, std, eval_bs, metric)})
-  else:
-    results.update({"steps": 0, "selected_step": 0, f"val/{metric}": results[f"zeroshot/val_{metric}"]})
+    results.update({"steps": 0, "selected_step": 0, f"val/{metric}": float("nan") if val is None else
+                    _score(method, selected, val, mean, std, eval_bs, metric)})
+  else:  # training-free: `fit` (if any) chooses the method's values on the k-shot sets (CALIP's β: validation)
+    if method.fit is not None:
+      norm = lambda sp: datasets.Split(datasets.normalize(sp.images, mean, std).astype(np.float32), sp.labels)  # noqa: E731
+      fitted = method.fit(base_variables, norm(train), norm(val))
+      selected = nest_base(base_vars, fitted.pop("params", {}))
+      results.update({f"fit/{k}": v for k, v in fitted.items()})
+    results.update({"steps": 0, "selected_step": 0, f"val/{metric}": results[f"zeroshot/val_{metric}"]
+                    if name == "zeroshot" else _score(method, selected, val, mean, std, eval_bs, metric)})
 
   # --- the test split: read here, after training and selection, and nowhere else ---
   test = ds.load("test")

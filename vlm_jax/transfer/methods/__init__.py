@@ -40,6 +40,16 @@ A builder has the signature
                parameters must not depend on the number of classes unless the method is class-specific
                (then novel evaluation is not defined for it and the protocol reports it as such).
                Multi-label methods (DualCoOp) return per-class scores the same way.
+    fit        optional (default None), for a method in `TRAINING_FREE` that still chooses values on the k-shot
+               data: `fit(variables, train, val) -> {'params': {...}, other scalars}`, train / val =
+               `datasets.Split` with normalised float32 images; the returned params join the base variables for
+               evaluation (so they also serve other class lists) and the scalars go to results.json as
+               'fit/<key>'. Selection uses `val` only (CALIP searches its β on validation).
+    pseudo_label  optional (default None), for an unsupervised method (UPL): `pseudo_label(variables, images,
+               shots) -> (row indices, int labels)`. The run hands it the unlabelled training pool
+               (`datasets.unlabelled_pool`, normalised float32, no labels: none is read) and the protocol's
+               per-class budget `config.shots`, and trains the module on the rows it picked with the labels it
+               made, without validation (the last step is kept); results record `labels_used: false`.
 
 Shared pieces a method may use (in this package, no utils module):
   prompting.py   `PromptText`: class names tokenised behind M context placeholders ('X X … X name.'), the
@@ -68,6 +78,8 @@ class Method(NamedTuple):
   module: Any                 # flax.linen.Module with the frozen base as submodule 'base'
   loss_fn: Callable           # fn(outputs, batch) -> (scalar, metrics)
   logits_fn: Callable         # fn(module, variables, images) -> [B, C]
+  fit: Callable | None = None           # optional, training-free methods: fn(variables, train, val) -> dict
+  pseudo_label: Callable | None = None  # optional, unsupervised methods: fn(variables, images, shots) -> (idx, y)
 
 
 METHODS: dict[str, Any] = {

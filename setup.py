@@ -38,7 +38,7 @@ setup(
     description="Vision-language model pre-training, transfer and distillation in JAX/Flax",
     python_requires=">=3.10",
     packages=find_packages(include=["vlm_jax", "vlm_jax.*"]),
-    package_data={"vlm_jax.embedding": ["templates/*.txt", "classnames/*.txt"]},
+    package_data={"vlm_jax.embedding": ["templates/*.txt", "classnames/*.txt", "descriptions/*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={

@@ -50,7 +50,7 @@ def prompt_denoise(scores: np.ndarray, pd_thresh: float) -> np.ndarray:
   p = _softmax(SCALE * scores)
   absent = p.reshape(len(p), -1, p.shape[-1]).max(axis=1) < pd_thresh  # [B, 1 + C]
   absent[:, 0] = False
-  return np.where(absent[:, None, None, :], -np.inf if scores.dtype.kind == "f" else -1e9, scores).astype(np.float32)
+  return np.where(absent[:, None, None, :], -np.inf, scores).astype(np.float32)
 
 
 def key_smooth(scores: np.ndarray, keys: np.ndarray, ks_thresh: float = 1.0) -> np.ndarray:

@@ -53,8 +53,8 @@ def eval_data(source, num_images: int | None = None) -> dict:
   return {"image_uint8": source.images(idx), "mask": source.masks(idx)}
 
 
-def teacher_metrics(teacher, source, class_emb: np.ndarray, data: dict, *, dense_size: int, refine: dict,
-                    plot_dir: str | None = None) -> tuple[dict, np.ndarray]:
+def teacher_metrics(teacher, source, class_emb: np.ndarray, data: dict, *, dense_size: int,
+                    refine: dict) -> tuple[dict, np.ndarray]:
   """{'teacher/segmentation/…', 'teacher_refined/segmentation/…', 'broadcast/segmentation/…'} and the teacher's
   label maps (vocabulary labels) for the overlays."""
   from vlm_jax.distill import pseudo_labels as pl  # noqa: PLC0415

@@ -46,8 +46,14 @@ def _images(n, seed=1):
   return jax.random.normal(jax.random.PRNGKey(seed), (n, 16, 16, 3))
 
 
+_JITTED = {}
+
+
 def _logits(m, variables, images):
-  return np.asarray(jax.jit(lambda v, x: m.logits_fn(m.module, v, x))(variables, images))
+  """The method's logits through one jitted function per method (each new shape compiles once)."""
+  if id(m.module) not in _JITTED:  # (the method is kept alive with its function)
+    _JITTED[id(m.module)] = (jax.jit(lambda v, x: m.logits_fn(m.module, v, x)), m)
+  return np.asarray(_JITTED[id(m.module)][0](variables, images))
 
 
 def test_calip_at_zero_beta_is_zeroshot_and_search_uses_validation(micro):
@@ -99,7 +105,7 @@ def test_vcd_one_template_descriptor_per_class_is_single_template_zeroshot(micro
 
 
 def test_tpt_resets_per_image_and_adapts(micro):
-  m, v = _method(micro, "tpt", n_ctx=0, init="a photo of a", views=8, keep=0.25, lr=5e-3)
+  m, v = _method(micro, "tpt", n_ctx=0, init="a photo of a", views=4, keep=0.5, lr=5e-3)
   images = _images(5, seed=3)
   batch = _logits(m, v, images)
   alone = np.concatenate([_logits(m, v, images[i:i + 1]) for i in range(5)])
@@ -110,7 +116,7 @@ def test_tpt_resets_per_image_and_adapts(micro):
   again = _logits(m, v, images)
   np.testing.assert_array_equal(again, batch)                          # nothing persists between calls
   # lr 0: no step, exactly CoOp with the phrase context (= the zero-shot "a photo of a {}." classifier)
-  still, _ = _method(micro, "tpt", n_ctx=0, init="a photo of a", views=8, keep=0.25, lr=0.0, weight_decay=0.0)
+  still, _ = _method(micro, "tpt", n_ctx=0, init="a photo of a", views=4, keep=0.5, lr=0.0, weight_decay=0.0)
   coop, _ = _method(micro, "coop", n_ctx=0, init="a photo of a")
   cv = {"params": {**v["params"], "ctx": jnp.zeros((4, micro[2].txt.width))}}
   np.testing.assert_allclose(_logits(still, v, images), _logits(coop, cv, images), rtol=1e-5, atol=1e-5)
@@ -166,7 +172,7 @@ def test_upl_run_never_reads_a_label(micro_dir, tmp_path, monkeypatch):
   monkeypatch.setattr(datasets.Dataset, "load", poisoned)
   c = th.load_config("configs/transfer/upl.py", "tiny")
   c.init.checkpoint = micro_dir
-  c.dataset, c.shots, c.epochs, c.test_per_class, c.batch_size = "shifted_hues", 2, 1, 2, 16
+  c.dataset, c.shots, c.epochs, c.test_per_class, c.batch_size = "shifted_hues", 2, 1, 1, 16
   c.method.n_prompts = 2
   r = run_lib.transfer(c, str(tmp_path / "upl"), quiet=True)
   assert reads == ["train", "test"], reads
@@ -174,3 +180,23 @@ def test_upl_run_never_reads_a_label(micro_dir, tmp_path, monkeypatch):
   assert r["selected_step"] == r["steps"] > 0 and 0.0 <= r["top1"] <= 1.0
   with open(os.path.join(tmp_path, "upl", "results.json")) as f:
     assert json.load(f)["labels_used"] is False
+
+
+def test_preflight_rules():
+  from vlm_jax import preflight  # noqa: PLC0415
+  from vlm_jax.errors import UserError  # noqa: PLC0415
+  for name in ("upl", "tpt", "calip", "vcd"):
+    preflight.transfer(th.load_config(f"configs/transfer/{name}.py", "tiny"), {})
+  bad = [("upl", ("select",), "val", "no labelled validation"), ("upl", ("protocol",), "base_to_novel", "unlabelled"),
+         ("tpt", ("method", "views"), 1, "views"), ("tpt", ("method", "init"), "", "phrase"),
+         ("calip", ("method", "beta3_grid"), (-1.0,), "beta3_grid"),
+         ("vcd", ("method", "descriptors"), "", "descriptor sentences"),
+         ("vcd", ("method", "descriptors"), "no_such_file", "unknown descriptor file")]
+  for name, path, value, words in bad:
+    c = th.load_config(f"configs/transfer/{name}.py", "tiny")
+    node = c
+    for p in path[:-1]:
+      node = node[p]
+    node[path[-1]] = value
+    with pytest.raises(UserError, match=words):
+      preflight.transfer(c, {})

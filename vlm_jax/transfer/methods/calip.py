@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlm_jax.errors import UserError
 from vlm_jax.transfer.methods import Method, local_features
 from vlm_jax.transfer.methods import prompting as pr
 from vlm_jax.transfer.methods.zeroshot import zero_loss
@@ -75,6 +76,19 @@ def search(terms: np.ndarray, labels: np.ndarray, beta2_grid, beta3_grid) -> tup
     if acc > best_acc:
       best, best_acc = (float(b2), float(b3)), acc
   return best, best_acc
+
+
+def check(config) -> None:
+  """Preflight of `config.method`: temperatures > 0, grids of numbers ≥ 0, a known local feature kind."""
+  m = config.method
+  if float(m.get("alpha_t", 2.0)) <= 0 or float(m.get("alpha_s", 2.0)) <= 0:
+    raise UserError("calip needs method.alpha_t > 0 and method.alpha_s > 0")
+  for key in ("beta2_grid", "beta3_grid"):
+    grid = m.get(key, (0.0,))
+    if isinstance(grid, (int, float)) or any(float(b) < 0 for b in grid):
+      raise UserError(f"method.{key}={grid!r}: give a list of weights >= 0")
+  if str(m.get("local", "auto")) not in local_features.KINDS:
+    raise UserError(f"unknown method.local {m.get('local')!r}; use one of {local_features.KINDS}")
 
 
 def build(cfg, *, base_model, base_config, tokenizer, class_names, templates, descriptions=None) -> Method:

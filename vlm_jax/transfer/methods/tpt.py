@@ -32,6 +32,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from vlm_jax.errors import UserError
@@ -125,14 +126,24 @@ class TPT(nn.Module):
     return {"logits": self.classify(batch["image"])}
 
 
-def build(cfg, *, base_model, base_config, tokenizer, class_names, templates, descriptions=None) -> Method:
-  del base_config, templates, descriptions
-  opts = prompt_options(cfg, tokenizer, class_names)
-  if opts["init_phrase"] is None or opts["class_specific"]:
+def check(config) -> None:
+  """Preflight of `config.method`: a phrase to start from, a shared context, views ≥ 2, 0 < keep ≤ 1, steps ≥ 1,
+  lr ≥ 0, 0 < min_scale ≤ 1."""
+  m = config.method
+  if not str(m.get("init", "") or "") or bool(m.get("class_specific", False)):
     raise UserError("tpt tunes one shared context initialised from a phrase: set method.init (e.g. "
                     "'a photo of a') and method.class_specific=False")
-  if int(cfg.get("views", 64)) < 2 or not 0 < float(cfg.get("keep", 0.1)) <= 1:
-    raise UserError("tpt needs method.views >= 2 and 0 < method.keep <= 1")
+  if int(m.get("views", 64)) < 2 or not 0 < float(m.get("keep", 0.1)) <= 1:
+    raise UserError(f"tpt needs method.views >= 2 (got {m.get('views')}) and 0 < method.keep <= 1 "
+                    f"(got {m.get('keep')})")
+  if int(m.get("steps", 1)) < 1 or float(m.get("lr", 5e-3)) < 0 or not 0 < float(m.get("min_scale", 0.08)) <= 1:
+    raise UserError("tpt needs method.steps >= 1, method.lr >= 0 and 0 < method.min_scale <= 1")
+
+
+def build(cfg, *, base_model, base_config, tokenizer, class_names, templates, descriptions=None) -> Method:
+  del base_config, templates, descriptions
+  check(ml_collections.ConfigDict({"method": cfg}))
+  opts = prompt_options(cfg, tokenizer, class_names)
   module = TPT(base_model, opts["prompt"], opts["init_phrase"], views=int(cfg.get("views", 64)),
                keep=float(cfg.get("keep", 0.1)), lr=float(cfg.get("lr", 5e-3)),
                weight_decay=float(cfg.get("weight_decay", 0.01)), steps=int(cfg.get("steps", 1)),

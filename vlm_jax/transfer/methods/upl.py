@@ -96,11 +96,24 @@ def select_confident(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]
   return rows, pred[rows].astype(np.int32)
 
 
+def check(config) -> None:
+  """Preflight of `config.method` (n_prompts ≥ 1, top_k ≥ 0, unified context) and of the protocol: UPL learns
+  from unlabelled images, so few-shot on a single-label dataset, and no labelled validation (select 'last')."""
+  m = config.method
+  if int(m.get("n_prompts", 4)) < 1 or int(m.get("top_k", 0) or 0) < 0:
+    raise UserError(f"upl needs method.n_prompts >= 1 (got {m.get('n_prompts')}) and method.top_k >= 0 "
+                    f"(got {m.get('top_k')}; 0 = config.shots)")
+  if bool(m.get("class_specific", False)):
+    raise UserError("upl learns unified contexts: set method.class_specific=False")
+  if config.get("protocol", "few_shot") != "few_shot":
+    raise UserError("upl learns from unlabelled images: use protocol few_shot")
+  if config.get("select", "last") != "last":
+    raise UserError("upl has no labelled validation to select on: use select='last'")
+
+
 def build(cfg, *, base_model, base_config, tokenizer, class_names, templates, descriptions=None) -> Method:
   del base_config
   opts = prompt_options(cfg, tokenizer, class_names)
-  if opts["class_specific"]:
-    raise UserError("upl learns unified contexts: set method.class_specific=False")
   module = UPL(base_model, opts["prompt"], n_prompts=int(cfg.get("n_prompts", 4)),
                init_phrase=opts["init_phrase"], init_std=opts["init_std"])
   zeroshot = ZeroShot(base_model, pr.make_handcrafted(tokenizer, class_names, templates, descriptions))

@@ -75,6 +75,16 @@ def make_descriptors(tokenizer, sentences: list[tuple[str, ...]]) -> pr.HandCraf
   return pr.HandCrafted(tuple(map(tuple, ids.tolist())), tuple(owner), len(sentences))
 
 
+def check(config) -> None:
+  """Preflight: a descriptor file (`method.descriptors`, shipped name or readable path) or --config.descriptions."""
+  spec = str(config.method.get("descriptors", "") or "")
+  if not spec and not str(config.get("descriptions", "") or ""):
+    raise UserError("vcd needs descriptor sentences: set --config.method.descriptors (a shipped name such as "
+                    "'synthetic', or a JSON path) or --config.descriptions")
+  if spec and not os.path.isfile(descriptor_path(spec)):
+    raise UserError(f"descriptor file {spec} not found")
+
+
 def build(cfg, *, base_model, base_config, tokenizer, class_names, templates, descriptions=None) -> Method:
   del base_config, templates
   spec = str(cfg.get("descriptors", "") or "")

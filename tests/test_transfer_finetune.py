@@ -182,7 +182,7 @@ def test_wise_ft_run_directory_is_the_chosen_model(wise_run):
 
 
 @pytest.mark.interop
-def test_wise_ft_run_converts_to_open_clip_with_the_same_logits(wise_run, tmp_path):
+def test_wise_ft_run_converts_to_open_clip_and_hf_with_the_same_logits(wise_run, tmp_path):
   torch = pytest.importorskip("torch")
   open_clip = pytest.importorskip("open_clip")
   pytest.importorskip("safetensors")
@@ -201,7 +201,16 @@ def test_wise_ft_run_converts_to_open_clip_with_the_same_logits(wise_run, tmp_pa
   with torch.no_grad():
     z = tmodel.encode_image(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), normalize=True).numpy()
   torch_logits = float(head["logit_scale"]) * z @ head["kernel"].T + head["bias"]
-  np.testing.assert_allclose(torch_logits, _run_logits(wd, x), atol=1e-4, rtol=1e-4)
+  want = _run_logits(wd, x)
+  np.testing.assert_allclose(torch_logits, want, atol=1e-4, rtol=1e-4)
+  transformers = pytest.importorskip("transformers")  # and `--to hf`: a transformers CLIPModel directory
+  convert.main(["--to", "hf", "--input", wd, "--output", str(tmp_path / "hf")])
+  hm = transformers.CLIPModel.from_pretrained(str(tmp_path / "hf")).eval()
+  with torch.no_grad():
+    zh = hm.get_image_features(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).pooler_output
+    zh = torch.nn.functional.normalize(zh, dim=-1).numpy()
+  np.testing.assert_allclose(float(head["logit_scale"]) * zh @ head["kernel"].T + head["bias"], want, atol=1e-4,
+                             rtol=1e-4)
 
 
 def test_fine_tuning_beats_zeroshot_and_reports_the_wise_ft_curve(pretrained_vit, tmp_path):

@@ -115,6 +115,10 @@ def test_preflight_rules():
   c.frozen = "^base/"
   with pytest.raises(UserError, match="trains the image tower"):
     preflight.transfer(c, {})
+  c = th.load_config("configs/transfer/lp_ft.py", "tiny")
+  c.protocol = "base_to_novel"
+  with pytest.raises(UserError, match="novel classes"):
+    preflight.transfer(c, {})
   c = th.load_config("configs/transfer/wise_ft.py", "tiny")
   c.method.alphas = (0.0, 1.5)
   with pytest.raises(UserError, match="alphas"):

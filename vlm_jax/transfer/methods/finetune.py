@@ -143,6 +143,10 @@ def check(config) -> None:
   if head != "text" and bool(rx.search("head/kernel")) != (head == "frozen"):
     raise UserError(f"method.head={head!r} needs config.frozen to {'match' if head == 'frozen' else 'leave'} "
                     f"'head/…' (use the config variant: {config.method.name}.py:tiny,head={head})")
+  if config.get("protocol") == "base_to_novel" and head != "text":
+    raise UserError(f"{config.method.name} with method.head={head!r} learns one weight row per base class, so it "
+                    "has no classifier for novel classes: use protocol few_shot, or head=text (the text tower is the "
+                    "classifier)")
   if (head == "text") == bool(rx.search("base/txt/x")):
     raise UserError(f"method.head={head!r} needs config.frozen to {'leave' if head == 'text' else 'match'} the "
                     f"text tower 'base/txt/…' (use the config variant: {config.method.name}.py:tiny,head={head})")

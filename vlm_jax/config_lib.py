@@ -344,6 +344,8 @@ def segmentation_distill_config(method: str, variant: str, teacher: str) -> ml_c
   c.method = ml_collections.ConfigDict({"name": method, "temperature": 0.07, "pd_thresh": 0.5,
                                         "key_smoothing": True, "ks_thresh": 1.0, "threshold": "otsu",
                                         "dense_size": 64})
+  # MaskCLIP+ self-training: rounds on the student's own predictions after the teacher's pseudo-labels (0: off)
+  c.method.self_training = ml_collections.ConfigDict({"rounds": 0, "steps": 300})
   c.teacher_cache = ml_collections.ConfigDict({"dir": "", "chunk": 256})
   c.baselines = ("closed_set",) if method == "lseg" else ()
   c.data = ml_collections.ConfigDict({"image_size": 64, "num_train": 1024, "num_eval": 128, "seed": 0,

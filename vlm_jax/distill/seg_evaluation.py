@@ -76,26 +76,39 @@ def teacher_metrics(teacher, source, class_emb: np.ndarray, data: dict, *, dense
   return out, preds["teacher"]
 
 
+def segment_fn(model):
+  """jit(variables, images) → the student's test-class logits (`DenseSegmenter.segment`)."""
+  import jax  # noqa: PLC0415
+  return jax.jit(lambda v, x: model.apply(v, x, method="segment"))
+
+
+def predict(segment, variables, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+  """Label maps int32 [N, H, W] (0 = background, class id + 1) of normalised images: logits upsampled bilinearly
+  to the image, argmax."""
+  import jax  # noqa: PLC0415
+  preds = []
+  for i in range(0, len(images), batch_size):
+    x = images[i:i + batch_size]
+    n = len(x)
+    if n < batch_size:  # one compiled shape
+      x = np.concatenate([x, np.repeat(x[-1:], batch_size - n, axis=0)])
+    logits = np.asarray(jax.device_get(segment(variables, x)))[:n]
+    preds.append(seg.upsample_bilinear(logits, images.shape[1:3]).argmax(axis=-1).astype(np.int32))
+  return np.concatenate(preds)
+
+
 def make_evaluator(model, source, data: dict, *, mean, std, batch_size: int = 32, plot_dir: str | None = None,
                    teacher_pred: np.ndarray | None = None, title: str = "student"):
   """fn(variables) → {'segmentation/…'} of the student (module docstring); writes the overlays."""
   import jax  # noqa: PLC0415
 
   from vlm_jax.data import transforms  # noqa: PLC0415
-  segment = jax.jit(lambda v, x: model.apply(v, x, method="segment"))
+  segment = segment_fn(model)
   images = transforms.normalize(data["image_uint8"], tuple(mean), tuple(std))
-  gt, size, k = data["mask"], data["mask"].shape[1:], len(source.names) + 1
+  gt, k = data["mask"], len(source.names) + 1
 
   def run(variables) -> dict:
-    preds = []
-    for i in range(0, len(images), batch_size):
-      x = images[i:i + batch_size]
-      n = len(x)
-      if n < batch_size:  # one compiled shape
-        x = np.concatenate([x, np.repeat(x[-1:], batch_size - n, axis=0)])
-      logits = np.asarray(jax.device_get(segment(variables, x)))[:n]
-      preds.append(seg.upsample_bilinear(logits, size).argmax(axis=-1).astype(np.int32))
-    pred = np.concatenate(preds)
+    pred = predict(segment, variables, images, batch_size)
     m = scores(seg.confusion_matrix(gt, pred, k), source.novel, source.test_mask)
     if plot_dir and jax.process_index() == 0:
       names = ["background"] + [f"{n}{'*' if nv else ''}" for n, nv in zip(source.names, source.novel)]

@@ -25,6 +25,8 @@ training images, then the pseudo-labels — are cached on disk by teacher finger
 Evaluation (`seg_evaluation`): mIoU on base and novel classes, their harmonic mean, pixel accuracy, of the student
 (`segmentation/…`), of the MaskCLIP teacher (`teacher/…`, and with its refinements `teacher_refined/…`), of the
 broadcast baseline (`broadcast/…`) and of the baselines (`closed_set/…`); overlays in DIR/plots/; DIR/results.json.
+With `method.self_training.rounds` > 0 (MaskCLIP+) the student then trains on its own predictions (`self_training`)
+and the first stage's numbers are kept as `before_self_training/…`.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ def check(config) -> None:
       float(m.threshold)
     except (TypeError, ValueError):
       raise UserError(f"method.threshold must be a number or 'otsu', got {m.threshold!r}") from None
+  if int((m.get("self_training") or {}).get("rounds", 0)) and METHODS[name]["labels"] != "teacher":
+    raise UserError(f"method.self_training is MaskCLIP+'s (labels from the teacher); {name} learns from ground truth")
   if int(config.data.image_size) % 32:
     raise UserError(f"data.image_size must be a multiple of 32 (the backbone's stride), got {config.data.image_size}")
 
@@ -199,8 +203,48 @@ def distill(config, workdir: str, *, quiet: bool = False) -> dict:
   else:
     labels = None
   metrics = train_one(config, workdir, labels=labels, closed_set=False, **common)
+  rounds = int((config.method.get("self_training") or {}).get("rounds", 0))
+  if rounds:
+    result.update({f"before_self_training/{k}": v for k, v in metrics.items() if k.startswith("segmentation/")})
+    metrics = self_training(config, workdir, rounds, common)
   result = {**metrics, **result}
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump({"method": config.method.name, **result}, f, indent=2, sort_keys=True)
   return result
 
+
+def student_labels(config, run_dir: str, source) -> np.ndarray:
+  """uint8 [N, S, S] the trained student's own predictions (over background + the test classes) on the training
+  images: the labels of a MaskCLIP+ self-training round. Reads images only."""
+  from vlm_jax import runs  # noqa: PLC0415
+  from vlm_jax.data import transforms  # noqa: PLC0415
+  from vlm_jax.distill import seg_evaluation  # noqa: PLC0415
+  from vlm_jax.models.segmentation import segmenter  # noqa: PLC0415
+  model = segmenter.build(student_config(config, len(source.names), closed_set=False).model)
+  variables = runs.load_variables(run_dir)
+  segment = seg_evaluation.segment_fn(model)
+  mean, std = tuple(config.data.mean), tuple(config.data.std)
+  out, step = [], 256
+  for i in range(0, len(source), step):
+    images = transforms.normalize(source.images(range(i, min(i + step, len(source)))), mean, std)
+    out.append(seg_evaluation.predict(segment, variables, images).astype(np.uint8))
+  return np.concatenate(out)
+
+
+def self_training(config, workdir: str, rounds: int, common: dict) -> dict:
+  """MaskCLIP+'s self-training (Zhou et al. 2022, §3.3): after training on the teacher's pseudo-labels, the student
+  keeps training on its own predictions, ŷ_r = argmax ℓ_θ_{r−1}(x), for `rounds` rounds of
+  `method.self_training.steps` steps each (run directories DIR/self_training/round<r>, each initialised from the
+  previous one's head and resumable). Returns the last round's final metrics."""
+  st = config_lib.plain(config.method.self_training)
+  prev = workdir
+  metrics: dict = {}
+  for r in range(1, rounds + 1):
+    labels = student_labels(config, prev, common["train_src"])
+    c = ml_collections.ConfigDict(config_lib.plain(config))
+    c.total_steps = int(st.get("steps", config.total_steps))
+    c.init.sources = tuple(config_lib.plain(s) for s in config.init.sources) + (
+        {"checkpoint": prev, "params": r"^(?!backbone/)", "rename": {}, "required": True},)
+    prev = os.path.join(workdir, "self_training", f"round{r}")
+    metrics = train_one(c, prev, labels=labels, closed_set=False, **common)
+  return metrics

@@ -237,3 +237,22 @@ def test_fine_tuning_beats_zeroshot_and_reports_the_wise_ft_curve(pretrained_vit
   assert curve[0]["top1"] == r["zeroshot/top1"] and r["zeroshot/top1"] > r["chance"]
   assert curve[-1]["top1"] > r["zeroshot/top1"]  # fine-tuning beats zero-shot on the target task
   assert r["top1"] > r["zeroshot/top1"]          # and so does the α chosen on validation
+
+
+def test_text_head_is_zeroshot_at_the_base_and_trains_the_text_tower(micro):
+  _, _, _, v = micro
+  base = run_lib.nest_base(v)
+  images = _images()
+  zs = _build(micro, "zeroshot")
+  m = _build(micro, "finetune", head="text")
+  assert m.fit(base, None, None)["params"] == {}  # no separate head
+  np.testing.assert_allclose(m.logits_fn(m.module, base, images), zs.logits_fn(zs.module, base, images),
+                             atol=1e-5, rtol=1e-5)
+
+  def loss(params):
+    out = m.module.apply({**base, "params": params}, {"image": images, "label": jnp.arange(6) % 4})
+    return m.loss_fn(out, {"label": jnp.arange(6) % 4})[0]
+
+  g = jax.grad(loss)(base["params"])["base"]
+  for tower in ("txt", "img"):
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g[tower])) > 0, tower

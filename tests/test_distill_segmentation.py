@@ -202,3 +202,22 @@ def test_crash_then_resume_gives_identical_metrics(tmp_path, pretrained_resnet, 
   assert [r["step"] for r in _rows(wd) if "loss" in r] == list(range(1, 11))
   assert _rows(wd) == _rows(str(tmp_path / "ref"))
   assert {k: v for k, v in got.items() if "segmentation/" in k} == {k: v for k, v in ref.items() if "segmentation/" in k}
+
+
+def test_segmentation_config_mistakes_are_user_errors(tmp_path):
+  from vlm_jax import preflight
+  from vlm_jax.errors import UserError
+  flags = {"workdir": str(tmp_path / "run")}
+  preflight.distill(_micro("maskclip_plus", "t", ""), flags)  # the shipped configs pass
+  preflight.distill(_micro("lseg", "t", ""), flags)
+  for method, overrides, match in (
+      ("maskclip_plus", {"method.name": "maskclip"}, "unknown segmentation method"),
+      ("lseg", {"baselines": ("linear",)}, "unknown baseline"),
+      ("maskclip_plus", {"method.pd_thresh": 1.5}, "pd_thresh"),
+      ("maskclip_plus", {"method.threshold": "high"}, "number or 'otsu'"),
+      ("lseg", {"method.self_training.rounds": 1}, "self_training"),
+      ("maskclip_plus", {"data.image_size": 48}, "multiple of 32")):
+    with pytest.raises(UserError, match=match):
+      preflight.distill(_micro(method, "t", "", **overrides), flags)
+  with pytest.raises(UserError, match="unknown variant"):
+    th.load_config("configs/distill/lseg.py", "small")

@@ -51,11 +51,16 @@ A builder has the signature
                per-class budget `config.shots`, and trains the module on the rows it picked with the labels it
                made, without validation (the last step is kept); results record `labels_used: false`.
                A method that trains may have a `fit` too: its params are the loop's starting point (after the
-               base is copied), e.g. fine-tuning's zero-shot head, LP-FT's linear probe.
+               base is copied), e.g. fine-tuning's zero-shot head, LP-FT's linear probe, Tip-Adapter-F's cache.
+               A fit's params may have sizes that depend on the data (Tip-Adapter's cache of the N·K training
+               images): the module declares them with `self.variable('params', name, init)` (no shape check;
+               the loop's state takes the sizes of the start), and gradients of what must not train are stopped.
     candidates optional (default None): `candidates(base_variables, trained) -> [(labels dict, variables)]`,
                variants of the selected variables (WiSE-FT's θ(α)); the run scores each on the validation split,
                keeps the best (ties → the first listed), records its labels in results (e.g. 'alpha') and, after
                selection, scores every candidate on the test split and the shifted task ('candidates').
+               Also the place for hyper-parameters chosen after training: CLIP-Adapter's residual ratio r (one
+               candidate per r), Tip-Adapter-F's (α, β) searched again for the fine-tuned keys.
     report     optional (default None): `report(results, workdir)`, after the results are complete: a method's own
                plots (WiSE-FT's `plots/wise_ft.png`).
     model_fn   optional (default None), for a method whose result is a full two-tower model (fine-tuning,
@@ -83,6 +88,9 @@ Methods (paper + equation in each module's docstring):
   wise_ft    WiSE-FT weight-space ensembles (Wortsman et al. 2022)
   upl        UPL (Huang et al. 2022), unsupervised   tpt      TPT (Shu et al. 2022), test-time
   calip      CALIP (Guo et al. 2023), training-free  vcd      descriptors (Menon & Vondrick 2023)
+  linear_probe  L-BFGS probe on frozen features, λ on validation (Radford et al. 2021), training-free
+  clip_adapter  CLIP-Adapter (Gao et al. 2021)        taskres  TaskRes (Yu et al. 2023)
+  tip_adapter   Tip-Adapter, training-free; tip_adapter_f  Tip-Adapter-F (Zhang et al. 2022)
 """
 
 from __future__ import annotations
@@ -122,10 +130,15 @@ METHODS: dict[str, Any] = {
     "tpt": "vlm_jax.transfer.methods.tpt:build",
     "calip": "vlm_jax.transfer.methods.calip:build",
     "vcd": "vlm_jax.transfer.methods.vcd:build",
+    "linear_probe": "vlm_jax.transfer.methods.linear_probe:build",
+    "clip_adapter": "vlm_jax.transfer.methods.clip_adapter:build",
+    "tip_adapter": "vlm_jax.transfer.methods.tip_adapter:build",
+    "tip_adapter_f": "vlm_jax.transfer.methods.tip_adapter:build_f",
+    "taskres": "vlm_jax.transfer.methods.taskres:build",
 }
 
 # methods that learn nothing: the run evaluates them without calling the training loop
-TRAINING_FREE = ("zeroshot", "tpt", "calip", "vcd")
+TRAINING_FREE = ("zeroshot", "tpt", "calip", "vcd", "linear_probe", "tip_adapter")
 
 
 def get_builder(name: str) -> Callable[..., Method]:

@@ -12,7 +12,7 @@ PYTEST_WORKERS ?= auto
 
 STAMP_INTEROP := $(VENV)/.installed-interop
 
-.PHONY: demo test test-faults test-interop venv bench clean
+.PHONY: demo test test-faults test-notebooks test-interop venv bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,9 +34,14 @@ $(STAMP_ALL): setup.py | $(PY)
 demo: $(STAMP_BASE)
 	$(PY) -m vlm_jax.pretrain --config=configs/pretrain/clip.py:tiny --workdir=$(DEMO_DIR)
 
-## make test: set up .venv with the test extras and run the suite (8 simulated CPU devices), less the slow faults.
+## make test: set up .venv with the test extras and run the suite (8 simulated CPU devices), less the slow faults
+## and the notebooks.
 test: $(STAMP_DEV)
-	$(PY) -m pytest tests -q -n $(PYTEST_WORKERS) -m "not faults" $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -n $(PYTEST_WORKERS) -m "not faults and not notebooks" $(PYTEST_ARGS)
+
+## make test-notebooks: execute every notebooks/*.ipynb top to bottom on CPU-sized settings (marker `notebooks`).
+test-notebooks: $(STAMP_DEV)
+	$(PY) -m pytest tests/test_notebooks.py -q -rP -n $(PYTEST_WORKERS) -m notebooks $(PYTEST_ARGS)
 
 ## make test-faults: the slow part of the fault suite (marker `faults`: kills, dead host, disk full, ...).
 test-faults: $(STAMP_DEV)

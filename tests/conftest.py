@@ -22,6 +22,9 @@ def pytest_configure(config):
   config.addinivalue_line(
       "markers", "faults: the slow part of the fault suite (tests/faults/), run by `make test-faults`, not by "
       "`make test`")
+  config.addinivalue_line(
+      "markers", "notebooks: executes notebooks/*.ipynb in fresh kernels (tests/test_notebooks.py), run by "
+      "`make test-notebooks`, not by `make test`")
 
 
 # --- the cached pretrained models (tests/pretrained.py): trained once per code version, reused by every test ---

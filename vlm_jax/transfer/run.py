@@ -179,7 +179,9 @@ def transfer(config, workdir: str, *, quiet: bool = False) -> dict:
   results = {"method": name, "dataset": ds.name, "shots": int(config.shots), "seed": int(config.seed),
              "protocol": str(config.protocol), "metric": metric, "classes": len(classes),
              "chance": 1.0 / len(classes), "train_images": len(train.labels),
-             "val_images": 0 if val is None else len(val.labels), "labels_used": val is not None,
+             "val_images": 0 if val is None else len(val.labels),
+             # whether the result depends on a training label (a label-free method's val score is a report only)
+             "labels_used": val is not None and not (name in TRAINING_FREE and method.fit is None),
              f"zeroshot/val_{metric}": float("nan") if val is None else
              _score(zeroshot, base_variables, val, mean, std, eval_bs, metric)}
   workdir = loop.prepare_workdir(workdir)

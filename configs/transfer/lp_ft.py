@@ -13,4 +13,4 @@ L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # the evaluation suite's gr
 
 
 def get_config(arg=None):
-  return config_lib.finetune_config(arg, {"name": "lp_ft", "l2_grid": L2_GRID})
+  return config_lib.finetune_config(arg, {"name": "lp_ft", "l2_grid": L2_GRID, "steps": 300})

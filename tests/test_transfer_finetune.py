@@ -23,7 +23,7 @@ from flax import traverse_util
 from tests import train_helpers as th
 from vlm_jax import assembly, inference, runs
 from vlm_jax.transfer import datasets, run as run_lib
-from vlm_jax.transfer.methods import build_method, finetune, lp_ft, wise_ft
+from vlm_jax.transfer.methods import build_method, finetune
 
 NAMES = ["red circle", "blue square", "green triangle", "yellow star"]
 OPEN_CLIP_VIT = {"pool_type": "cls", "pre_norm": True, "patch_bias": False}

@@ -41,7 +41,6 @@ from vlm_jax.transfer.methods import Method
 from vlm_jax.transfer.methods import prompting as pr
 
 HEADS = ("learned", "frozen", "text")
-IMAGE_TOWER = r"^base/(img|img_proj)/"   # the parameters of the base that fine-tuning trains (plus the head)
 
 
 class Head(nn.Module):

@@ -147,6 +147,10 @@ def distill(config, flags: Mapping) -> None:
   """`python -m vlm_jax.distill`: the loop keys, proposals, pseudo-box scorer, baselines and data sizes."""
   writable(flags.get("workdir"))
   loop(config)
+  if config.get("task", "detection") == "classification":
+    from vlm_jax.distill import classification  # noqa: PLC0415
+    classification.check(config)  # the KD objective and its settings, the baselines
+    return
   if config.get("task", "detection") == "segmentation":
     from vlm_jax.distill import segmentation  # noqa: PLC0415
     segmentation.check(config)  # method, baselines, MaskCLIP refinement settings, image size

@@ -13,8 +13,9 @@ twin (`contrastive`, `filip`); the switch between them is written once, `ring.de
 
 Generative and alignment objectives live in their own modules and are imported on first use (a registry value
 'module:function'): masked image modelling ('mae', 'mim_feature'), masked language / cross-modal modelling
-('mlm', 'mcm'), captioning ('captioning': CoCa/CapPa), image-text matching ('itm'), FILIP ('filip') and
-region-word alignment ('region_word').
+('mlm', 'mcm'), captioning ('captioning': CoCa/CapPa), image-text matching ('itm'), FILIP ('filip'),
+region-word alignment ('region_word') and knowledge distillation from a frozen teacher's image-text logits
+('clip_kd', open_clip's DistillClipLoss; the teacher's outputs come in the batch, `vlm_jax.distill.classification`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ OBJECTIVES: dict[str, Callable[..., Any]] = {
     "itm": "vlm_jax.objectives.matching:itm_loss",
     "filip": "vlm_jax.objectives.filip:filip_loss",
     "region_word": "vlm_jax.objectives.region_word:region_word_loss",
+    "clip_kd": "vlm_jax.objectives.distillation:clip_kd_loss",
 }
 
 

@@ -200,3 +200,51 @@ def test_preflight_rules():
     node[path[-1]] = value
     with pytest.raises(UserError, match=words):
       preflight.transfer(c, {})
+
+
+# --- behaviour on the pretrained ViT fixture, the default shift task (shifted_hues: 64 classes, chance 1.6 %) ---
+
+
+def test_upl_beats_zeroshot_without_labels(pretrained_vit, tmp_path, capsys):
+  """UPL's tiny recipe through the entry point's run at K = 16: pseudo-labels from the unlabelled pool only.
+  Measured (load 8): 605 images pseudo-labelled (13.1 % of them right: the zero-shot level, confidence-based
+  selection hardly sharpens this fixture's labels), test top-1 13.2 % vs zero-shot 11.9 %; the benchmark's cell."""
+  c = th.load_config("configs/transfer/upl.py", "tiny")
+  c.init.checkpoint, c.shots = pretrained_vit, 16
+  r = run_lib.transfer(c, str(tmp_path / "upl"), quiet=True)
+  with capsys.disabled():
+    print(f"\nUPL (no labels) {r['top1']:.4f} | zero-shot {r['zeroshot/top1']:.4f} | chance {r['chance']:.4f} | "
+          f"{r['train_images']} pseudo-labelled images, {r['steps']} steps")
+  assert r["labels_used"] is False and r["val_images"] == 0
+  assert r["top1"] > r["zeroshot/top1"] > r["chance"]
+
+
+def test_tpt_lowers_its_objective_on_the_fixture(pretrained_vit, capsys):
+  """TPT on the first test image of every class (64): its one step lowers the entropy of the averaged
+  confident-view prediction (TPT's objective) for nearly every image; accuracy vs zero-shot is printed, not
+  asserted. Measured: on the full test split (the benchmark, 1,024 images) TPT 12.2 % vs zero-shot 11.9 %
+  (+3 images); on the first 2 test images per class (128) 10.9 % vs 11.7 % (−1 image); here (64) 9.4 % vs
+  10.9 %, the entropy 1.436 → 1.314 on average, lower for 98 % of the images. TPT does not beat
+  zero-shot beyond noise on this fixture (its errors are shape errors of the image tower, which a text
+  context step cannot fix), so the target "TPT beats zero-shot" is reported as not met."""
+  cfg, tok, model, base_vars = run_lib.load_base(pretrained_vit)
+  size, mean, std = runs.image_transform(cfg)
+  ds = datasets.open_dataset("shifted_hues", image_size=size, test_per_class=1)
+  test = ds.load("test")
+  x = datasets.normalize(test.images, mean, std).astype(np.float32)
+  variables = run_lib.nest_base(base_vars)
+  build = lambda name, **kw: build_method(name, ml_collections.ConfigDict(kw), base_model=model,  # noqa: E731
+                                          base_config=cfg, tokenizer=tok, class_names=ds.class_names,
+                                          templates=ds.templates)
+  zs = build("zeroshot")
+  m = build("tpt", n_ctx=0, init="a photo of a")
+
+  obj = jax.jit(lambda v, im: m.module.apply(v, im, method=tpt.TPT.objective))
+  before, after = np.asarray(obj(variables, x)).T
+  acc = {name: float(np.mean(np.argmax(_logits(meth, variables, x), 1) == test.labels))
+         for name, meth in (("zeroshot", zs), ("tpt", m))}
+  with capsys.disabled():
+    print(f"\nTPT {acc['tpt']:.4f} | zero-shot {acc['zeroshot']:.4f} | chance {1 / ds.num_classes:.4f} | marginal "
+          f"entropy {before.mean():.3f} -> {after.mean():.3f} (lower for {np.mean(after < before):.0%} of images)")
+  assert np.mean(after < before) > 0.9 and after.mean() < before.mean()
+  assert acc["tpt"] > 1 / ds.num_classes  # above chance (not above zero-shot: see the docstring)

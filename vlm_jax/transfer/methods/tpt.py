@@ -102,25 +102,33 @@ class TPT(nn.Module):
     emb = jax.lax.stop_gradient(self.base.text_token_embeddings(ids))
     return pr.encode_prompts(self.base, emb, index, self.base.eot_positions(ids), ctx)
 
-  def adapt_and_classify(self, image, boxes, ctx0, scale):
-    """One image [H, W, 3]: the views, `steps` AdamW steps on the marginal entropy from ctx0, the logits [C]
-    of the image itself under the adapted context."""
+  def adapt(self, image, boxes, ctx0, scale):
+    """One image [H, W, 3]: (the context after `steps` AdamW steps from ctx0 on the marginal entropy, the
+    views' frozen embeddings [V, E] (row 0 = the image itself), the objective as a function of the context)."""
     views = jnp.concatenate([image[None], jax.vmap(lambda b: resized_crop(image, b))(boxes)])
     z = pr.image_embeddings(self.base, views)  # [V, E], frozen
     keep = max(1, int(self.keep * self.views))
     loss = lambda ctx: marginal_entropy(scale * z @ self.text_features(ctx).T, keep)  # noqa: E731
     opt = optax.adamw(self.lr, weight_decay=self.weight_decay)
-    ctx, state = ctx0, opt.init(ctx0)
+    ctx, state = ctx0, opt.init(ctx0)  # a fresh optimizer state per image
     for _ in range(self.steps):
       updates, state = opt.update(jax.grad(loss)(ctx), state, ctx)
       ctx = optax.apply_updates(ctx, updates)
-    return scale * z[0] @ self.text_features(ctx).T
+    return ctx, z, loss
 
-  def classify(self, images):
-    """logits [B, C]: every image adapted on its own (vmap over the batch; the context reset per image)."""
+  def _per_image(self, images, fn):
     boxes = crop_boxes(jax.random.PRNGKey(self.seed), self.views - 1, images.shape[1], self.min_scale)
     ctx0, scale = self.initial_context(), jax.lax.stop_gradient(self.base.logit_scale())
-    return jax.vmap(lambda x: self.adapt_and_classify(x, boxes, ctx0, scale))(images)
+    return jax.vmap(lambda x: fn(*self.adapt(x, boxes, ctx0, scale), ctx0, scale))(images)
+
+  def classify(self, images):
+    """logits [B, C]: every image adapted on its own (vmap over the batch; the context reset per image), then
+    the image itself classified with its adapted context."""
+    return self._per_image(images, lambda ctx, z, loss, ctx0, scale: scale * z[0] @ self.text_features(ctx).T)
+
+  def objective(self, images):
+    """[B, 2]: TPT's marginal entropy of every image at p₀ and at its adapted context (what the step lowers)."""
+    return self._per_image(images, lambda ctx, z, loss, ctx0, scale: jnp.stack([loss(ctx0), loss(ctx)]))
 
   def __call__(self, batch, *, train: bool = False):
     return {"logits": self.classify(batch["image"])}

@@ -135,11 +135,11 @@ while True:
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="contrastive loss")
         ax.plot([r["step"] for r in rows], [np.log(BATCH)] * len(rows), "--",
                 color="gray", label="log B (a random model)")
+        ax.legend(loc="upper right")
     ax.set_xlim(0, STEPS)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(f"{CONFIG}: step {rows[-1]['step'] if rows else 0}/{STEPS}, {time.time() - t0:.0f} s")
-    ax.legend(loc="upper right")
     handle.update(png(fig))
     if not alive:
         break

@@ -14,39 +14,16 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from tests import train_helpers as th
-from vlm_jax import assembly, runs
-from vlm_jax.parallel import partitioning
+from tests.test_transfer_prompts_b import NAMES, _method, micro  # noqa: F401, F811 (the random two-block micro CLIP)
+from vlm_jax import runs
 from vlm_jax.transfer import datasets, run as run_lib
-from vlm_jax.transfer.methods import build_method, frozen_features, tip_adapter
+from vlm_jax.transfer.methods import frozen_features, tip_adapter
 
-NAMES = ["red circle", "blue square", "green triangle", "yellow star"]
-TEMPLATES = ("a {}.", "a photo of a {}.", "a drawing of a {}.")
 ADAPTERS = ("linear_probe", "clip_adapter", "tip_adapter", "tip_adapter_f", "taskres")
-
-
-@pytest.fixture(scope="module")
-def micro():
-  """(config, tokenizer, model, variables) of a random micro CLIP with two-block ViT and text towers."""
-  c = th.load_config("configs/pretrain/clip.py", "micro")
-  c.model.image.depth = c.model.text.depth = 2
-  tok, model = assembly.build(c)
-  v = model.init(jax.random.PRNGKey(0), assembly.example_batch(c, model, 2), train=False)
-  return c, tok, model, jax.device_get(partitioning.unbox(dict(v)))
-
-
-def _method(micro, name, **cfg):
-  c, tok, model, v = micro
-  m = build_method(name, ml_collections.ConfigDict(cfg), base_model=model, base_config=c, tokenizer=tok,
-                   class_names=NAMES, templates=TEMPLATES)
-  images = jax.random.normal(jax.random.PRNGKey(1), (5, 16, 16, 3))
-  init = m.module.init(jax.random.PRNGKey(2), {"image": images, "label": jnp.zeros(5, jnp.int32)})
-  params = {**jax.device_get(partitioning.unbox(init["params"])), "base": v["params"]}
-  return m, {"params": params}, images
 
 
 def _logits(m, variables, images):

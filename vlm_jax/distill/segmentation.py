@@ -13,6 +13,10 @@ Methods (`method.name`):
   lseg           LSeg (Li et al. 2022, "Language-driven Semantic Segmentation", Eq. 1–2): per-pixel embeddings f(x)
                  trained with the softmax over the text embeddings of the labelled BASE classes (and background),
                  logits = f(x)·t_c / τ; novel classes are added by name at test time.
+  clipseg        CLIPSeg (Lüddecke & Ecker 2022): a FiLM-conditioned transformer decoder over the frozen ViT's
+                 intermediate activations, one binary mask per (image, class query), trained on base-class queries
+                 with the per-pixel binary cross-entropy (`distill.clipseg`, `models.segmentation.clipseg`), tested
+                 on every class (novel ones by name).
   closed_set     the baseline (`baselines`): the same segmenter with a learned linear classifier over background +
                  base classes; it cannot name a novel class, so its novel mIoU is 0 by construction.
 
@@ -45,6 +49,7 @@ TEACHER = "teacher"
 METHODS = {  # name -> (where training labels come from, which classes the training softmax covers)
     "maskclip_plus": {"labels": "teacher", "classes": "all"},
     "lseg": {"labels": "ground_truth", "classes": "base"},
+    "clipseg": {"labels": "ground_truth", "classes": "base", "model": "clipseg"},
 }
 BASELINES = ("closed_set",)
 
@@ -69,6 +74,9 @@ def check(config) -> None:
       raise UserError(f"method.threshold must be a number or 'otsu', got {m.threshold!r}") from None
   if int((m.get("self_training") or {}).get("rounds", 0)) and METHODS[name]["labels"] != "teacher":
     raise UserError(f"method.self_training is MaskCLIP+'s (labels from the teacher); {name} learns from ground truth")
+  if METHODS[name].get("model") == "clipseg":
+    from vlm_jax.distill import clipseg  # noqa: PLC0415
+    clipseg.check(config)
   if int(config.data.image_size) % 32:
     raise UserError(f"data.image_size must be a multiple of 32 (the backbone's stride), got {config.data.image_size}")
 
@@ -150,12 +158,22 @@ def train_one(config, workdir: str, *, teacher_out: dict, train_src, eval_src, e
   base_mask = test_mask & ~novel
   train_mask = base_mask if closed_set or spec["classes"] == "base" else test_mask
   config = student_config(config, len(novel), closed_set=closed_set)
-  model = segmenter.build(config.model)
+  clipseg = spec.get("model") == "clipseg" and not closed_set
+  if clipseg:
+    from vlm_jax.distill import clipseg as clipseg_lib  # noqa: PLC0415
+    from vlm_jax.models.segmentation import clipseg as clipseg_model  # noqa: PLC0415
+    model = clipseg_model.build({k: v for k, v in config_lib.plain(config.model).items() if k != "classifier"})
+  else:
+    model = segmenter.build(config.model)
   mean, std = tuple(config.data.mean), tuple(config.data.std)
 
   def make_row(i: int) -> dict:
     y = labels[i] if labels is not None else train_src.mask(i)
     return {"image": transforms.normalize(train_src.image(i), mean, std), "labels": np.asarray(y, np.int32)}
+
+  if clipseg:  # K base-class queries per image with their binary masks
+    make_row = clipseg_lib.with_queries(make_row, np.nonzero(base_mask)[0], int(config.method.queries),
+                                        int(config.seed))
 
   def make_data(process_index: int, process_count: int):
     return seg_data.train_iterator(len(train_src), make_row, global_batch_size=int(config.batch_size),
@@ -172,7 +190,8 @@ def train_one(config, workdir: str, *, teacher_out: dict, train_src, eval_src, e
                                             plot_dir=os.path.join(workdir, "plots") if ev.get("plots", True) else None,
                                             teacher_pred=teacher_out.get("pred"), title=config.name)
   init_fn = _compose(runs.initializer(config.get("init")), constants)
-  return loop.train(config, workdir, make_data=make_data, model=model, loss_fn=pixel_cross_entropy,
+  return loop.train(config, workdir, make_data=make_data, model=model,
+                    loss_fn=clipseg_lib.binary_mask_loss if clipseg else pixel_cross_entropy,
                     evaluators={"segmentation": evaluator}, init_fn=init_fn, quiet=quiet)
 
 

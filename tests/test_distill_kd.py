@@ -86,3 +86,19 @@ def test_kd_at_weight_zero_is_plain_clip_training(pretrained_resnet, tmp_path):
   kd0, clip = _losses(str(tmp_path / "kd0")), _losses(str(tmp_path / "clip"))
   print("λ=0 KD losses", kd0, "plain CLIP", clip)
   assert kd0 and kd0 == clip
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("objectives", {"clip": 1.0}, "objectives.clip_kd"),
+    ("objectives", {"clip": 1.0, "clip_kd": -1.0}, ">= 0"),
+    ("objective_hparams", {"clip_kd": {"kind": "mse"}}, "soft_ce"),
+    ("objective_hparams", {"clip_kd": {"temperature": 0.0}}, "> 0"),
+    ("baselines", ("closed_set",), "no_teacher"),
+])
+def test_config_mistakes_are_user_errors(key, value, match):
+  from vlm_jax.distill import classification
+  from vlm_jax.errors import UserError
+  c = th.load_config("configs/distill/clip_kd.py", "micro")
+  c[key] = value
+  with pytest.raises(UserError, match=match):
+    classification.check(c)

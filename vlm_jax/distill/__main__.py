@@ -6,7 +6,8 @@ Trains the config's method and its baselines with the one training loop (`vlm_ja
 last, one JSON object of the final metrics (`detection/AP`, `detection/AP50`, `detection/AP50_base`,
 `detection/AP50_novel`, `detection/APr`, and `<baseline>/detection/…`; for segmentation configs
 `segmentation/miou_base`, `segmentation/miou_novel`, `segmentation/hiou`, … and `teacher/…`, `broadcast/…`,
-`<baseline>/…`). Rerunning the same command resumes.
+`<baseline>/…`; for classification distillation `zeroshot/top1` of the student, `no_teacher/…` and `teacher/…`).
+Rerunning the same command resumes.
 A missing teacher prints one line `error: …` (naming `make demo` and --config.teacher.checkpoint) and exits 2.
 """
 
@@ -32,6 +33,9 @@ def summary(metrics: dict) -> list[str]:
     who = prefix.rstrip("/") or "method"
     lines.append(f"{who}: AP50 base {100 * metrics[prefix + 'detection/AP50_base']:.1f} | novel "
                  f"{100 * metrics[prefix + 'detection/AP50_novel']:.1f} | AP {100 * metrics[prefix + 'detection/AP']:.1f}")
+  for prefix in sorted({k[:-len("zeroshot/top1")] for k in metrics if k.endswith("zeroshot/top1")}):
+    who = prefix.rstrip("/") or "student"  # classification distillation: student, no_teacher, teacher
+    lines.append(f"{who}: zero-shot top-1 {100 * metrics[prefix + 'zeroshot/top1']:.1f}%")
   return lines
 
 

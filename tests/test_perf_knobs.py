@@ -5,8 +5,10 @@ workers. Kernels are compared against a reference einsum attention on CPU; cuDNN
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
+import sys
 
 import grain
 import jax
@@ -160,3 +162,18 @@ def test_the_loop_closes_the_data_iterator_when_it_ends_or_fails(tmp_path, fail)
   else:
     loop.train(config, wd, make_data=make_data, model=model, loss_fn=loss_fn, quiet=True)
     assert closed == [3]
+
+
+def test_accelerator_benchmark_quick_runs_on_cpu():
+  """`benchmarks/accelerator.py --quick` (what a user runs first on a new machine) prints one JSON line per
+  measurement and a summary naming the device; no timing is asserted."""
+  proc = th.run_cli([sys.executable, "benchmarks/accelerator.py", "--quick"], devices=1, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+  parts = {ln.get("part") for ln in lines}
+  assert {"step", "loss", "data"} <= parts
+  summary = lines[-1]
+  assert summary["summary"] and summary["platform"] == "cpu"
+  assert summary["micro/images_per_sec"] > 0 and 0 < summary["micro/best_mfu"]
+  assert summary["loss/ring_largest_batch"] >= summary["loss/dense_largest_batch"] > 0
+  assert summary["data/images_per_cpu_second"] > 0

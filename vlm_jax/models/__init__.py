@@ -38,6 +38,7 @@ FRAMEWORKS: dict[str, str] = {
     "two_leg": "vlm_jax.models.two_leg",
     "one_tower": "vlm_jax.models.one_tower",
     "detector": "vlm_jax.models.detection.detector",
+    "segmenter": "vlm_jax.models.segmentation.segmenter",
 }
 _VARIANT_DECODERS = {"vit": variants.vit_variant, "resnet": variants.resnet_variant,
                      "text": variants.text_variant}

@@ -25,7 +25,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "portpicker>=1.6", "pycocotools>=2.0.8,<3"],
+    "dev": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "portpicker>=1.6", "pycocotools>=2.0.8,<3",
+            # executing notebooks/ in tests/test_notebooks.py (`make test-notebooks`)
+            "nbclient>=0.10,<1", "nbformat>=5.9,<6", "ipykernel>=6.29,<8"],
     "interop": ["torch==2.14.1", "torchvision==0.29.1", "open-clip-torch>=3,<4", "transformers>=4.45,<6",
                 "safetensors>=0.4", "timm>=1.0,<2", "webdataset>=0.2.100,<2", "psutil>=5", "pycocoevalcap==1.2"],
     "gcs": ["gcsfs>=2024.6"],
@@ -38,7 +40,7 @@ setup(
     description="Vision-language model pre-training, transfer and distillation in JAX/Flax",
     python_requires=">=3.10",
     packages=find_packages(include=["vlm_jax", "vlm_jax.*"]),
-    package_data={"vlm_jax.embedding": ["templates/*.txt", "classnames/*.txt"]},
+    package_data={"vlm_jax.embedding": ["templates/*.txt", "classnames/*.txt", "descriptions/*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={

@@ -259,6 +259,30 @@ def model_run_config(model_config) -> ml_collections.ConfigDict:
   return c
 
 
+FINETUNE_FROZEN = {  # config.frozen of fine-tuning per method.head: what is NOT trained
+    "learned": r"^base/(?!img/|img_proj/)",           # the text tower and τ: the image tower and the head train
+    "frozen": r"^base/(?!img/|img_proj/)|^head/",      # … and the zero-shot / probe head
+    "text": r"^base/(log_logit_scale|logit_bias)$",   # only τ (and a SigLIP bias): both towers train
+}
+
+
+def finetune_config(arg: str | None, method: dict) -> ml_collections.ConfigDict:
+  """A fine-tuning transfer config (full fine-tuning, LP-FT, WiSE-FT; `vlm_jax.transfer.methods.finetune`):
+  `transfer_config` with the image tower (and the head / text tower by `head`) trained, every weight stored in
+  the checkpoints (`checkpoint_frozen = True`), and the recipe of Wortsman et al. 2022 scaled to the tiny model:
+  AdamW (β = 0.9, 0.999, weight decay 0.1 on kernels), one epoch of linear warmup, cosine decay, a small lr.
+  `arg`: 'tiny' | 'full', optionally ',head=learned|frozen|text'."""
+  a = parse_arg(arg, variant="tiny", head="learned")
+  if a.head not in FINETUNE_FROZEN:
+    raise UserError(f"unknown head {a.head!r}; use one of {sorted(FINETUNE_FROZEN)}")
+  c = transfer_config(a.variant, {**method, "head": a.head})
+  c.frozen = FINETUNE_FROZEN[a.head]
+  c.checkpoint_frozen = True
+  c.optimizer.update({"name": "adamw", "lr": 1e-4, "b1": 0.9, "b2": 0.999, "weight_decay": 0.1,
+                      "wd_mask": r"(^|/)kernel$", "warmup": "linear"})
+  return c
+
+
 def transfer_config(arg: str | None, method: dict, **overrides) -> ml_collections.ConfigDict:
   """A transfer run config (`python -m vlm_jax.transfer`): `base_config()` with the base model frozen under
   'base/' and initialised from `init.checkpoint` (kept by reference), CoOp's recipe (SGD 2e-3, cosine, one
@@ -281,6 +305,7 @@ def transfer_config(arg: str | None, method: dict, **overrides) -> ml_collection
   c.templates = ""                # '': the dataset's own; a bundled set name ('coop:dtd', 'clip:dtd'), a .txt path
   c.classnames = ""               # folder:/tfds: datasets: a shipped class-name file ('oxford_pets'), a .txt path
   c.descriptions = ""             # CuPL JSON {class: [sentences]}: added to the hand-crafted text side
+  c.shift_dataset = ""            # a dataset with the same classes, scored at test time too (robustness, WiSE-FT)
   c.flip = False                  # random horizontal flip in training
   c.epochs = 10 if a.variant == "tiny" else 50
   c.warmup_epochs = 1
@@ -305,4 +330,52 @@ def transfer_config(arg: str | None, method: dict, **overrides) -> ml_collection
   c.evals = ml_collections.ConfigDict()
   for key, value in overrides.items():
     c[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+  return c
+
+
+def segmentation_distill_config(method: str, variant: str, teacher: str) -> ml_collections.ConfigDict:
+  """The shared layout of configs/distill/maskclip_plus.py and lseg.py (task 'segmentation',
+  `vlm_jax.distill.segmentation`); `variant` 'tiny' or 'micro'."""
+  c = base_config()
+  c.task = "segmentation"
+  c.name = method
+  c.teacher = ml_collections.ConfigDict({"checkpoint": teacher, "templates": "synthetic", "batch_size": 256})
+  # temperature τ of the text classifier; MaskCLIP's refinements of the teacher's dense predictions (pseudo-labels
+  # and `teacher_refined/`): prompt denoising threshold (0: off), key smoothing (+ its threshold, 1: everywhere);
+  # background: the centred-score threshold δ ('otsu' over the training images, or a number); dense_size: the
+  # side the teacher sees (its dense grid is dense_size / 32 for a ResNet)
+  c.method = ml_collections.ConfigDict({"name": method, "temperature": 0.07, "pd_thresh": 0.5,
+                                        "key_smoothing": True, "ks_thresh": 1.0, "threshold": "otsu",
+                                        "dense_size": 64})
+  # MaskCLIP+ self-training: rounds on the student's own predictions after the teacher's pseudo-labels (0: off)
+  c.method.self_training = ml_collections.ConfigDict({"rounds": 0, "steps": 300})
+  c.teacher_cache = ml_collections.ConfigDict({"dir": "", "chunk": 256})
+  c.baselines = ("closed_set",) if method == "lseg" else ()
+  c.data = ml_collections.ConfigDict({"image_size": 64, "num_train": 1024, "num_eval": 128, "seed": 0,
+                                      "objects": (2, 4), "p_novel": 0.35, "eval_split": "val"})
+  # the student (vlm_jax.models.segmentation.segmenter.build); image 'teacher': the teacher's image tower
+  c.model = ml_collections.ConfigDict({"image": "teacher", "pyramid_channels": 64, "head_channels": 64})
+  c.init.sources = ({"checkpoint": "teacher", "params": r"^backbone/", "rename": {r"^backbone/": "img/"},
+                     "required": True},)
+  c.frozen = r"^backbone/"
+  c.checkpoint_frozen = False
+  c.batch_size = 16
+  c.total_steps = 600
+  c.log_every_steps = 20
+  c.eval_every_steps = 0
+  c.checkpoint_every_steps = 200
+  c.optimizer = ml_collections.ConfigDict({
+      "name": "adamw", "lr": 2e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 1e-4,
+      "wd_mask": r"(^|/)kernel$", "clip_norm": 1.0, "schedule": "cosine", "warmup_steps": 50, "end_factor": 0.0,
+      "grad_accum_steps": 1})
+  c.objectives = ml_collections.ConfigDict()
+  c.evals = ml_collections.ConfigDict({"segmentation": {"num_images": 128, "batch_size": 32, "plots": True}})
+  if variant == "micro":
+    c.data.num_train, c.data.num_eval = 64, 32
+    c.total_steps, c.batch_size, c.log_every_steps, c.checkpoint_every_steps = 40, 8, 5, 10
+    c.optimizer.warmup_steps = 5
+    c.evals.segmentation.num_images, c.evals.segmentation.batch_size = 32, 16
+    c.teacher_cache.chunk = 32
+  elif variant != "tiny":
+    raise UserError(f"unknown variant {variant!r} of configs/distill/{method}.py; use tiny or micro")
   return c

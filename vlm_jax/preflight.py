@@ -137,6 +137,11 @@ def transfer(config, flags: Mapping) -> None:
   if config.get("val_shots", -1) != -1:
     integer(config, "val_shots", 1)
   integer(config.data, "image_size", 0, "data.")
+  from vlm_jax.transfer.datasets import is_multilabel  # noqa: PLC0415
+  if config.get("shift_dataset") and (config.protocol != "few_shot" or is_multilabel(str(config.dataset))):
+    raise UserError("shift_dataset (robustness on a shifted task) needs protocol few_shot on a single-label dataset")
+  from vlm_jax.transfer.methods import check_config  # noqa: PLC0415
+  check_config(config)  # the method module's own checks of config.method
   loop(config, batch=False, init=False)  # the run picks its batch; the base model is checked when loaded
 
 
@@ -144,6 +149,12 @@ def distill(config, flags: Mapping) -> None:
   """`python -m vlm_jax.distill`: the loop keys, proposals, pseudo-box scorer, baselines and data sizes."""
   writable(flags.get("workdir"))
   loop(config)
+  if config.get("task", "detection") == "segmentation":
+    from vlm_jax.distill import segmentation  # noqa: PLC0415
+    segmentation.check(config)  # method, baselines, MaskCLIP refinement settings, image size
+    for key, low in (("image_size", 32), ("num_train", 1), ("num_eval", 1)):
+      integer(config.data, key, low, "data.")
+    return
   from vlm_jax.distill import proposals  # noqa: PLC0415
   proposals.check(config)  # the kind, and the closed-set baseline that kind 'rpn' takes its proposals from
   if config.pseudo_boxes.get("scorer") not in ("dense", "crops"):

@@ -14,6 +14,17 @@ Part 1, open-vocabulary detection (configs/distill/vild.py):
   closed set  the baseline: a learned linear classifier over the base classes (novel AP 0 by construction),
               trained beside every method (`config.baselines`) and reported as `closed_set/detection/…`
 
+Part 2, open-vocabulary segmentation (configs/distill/maskclip_plus.py, lseg.py; `task='segmentation'`, run by
+`segmentation.distill`):
+  MaskCLIP+   (Zhou et al. 2022) the teacher's refined MaskCLIP predictions (key smoothing, prompt denoising) as
+              pixel pseudo-labels of a student segmenter with the text embeddings as classifier; annotation-free;
+              optional self-training rounds                                                 `maskclip_plus`
+  LSeg        (Li et al. 2022) per-pixel embeddings, softmax over the base classes' text embeddings / τ  `lseg`
+  closed set  a linear head over background + base classes (novel mIoU 0 by construction)
+Modules: segmentation.py (the run), pseudo_labels.py (MaskCLIP pseudo-labels, cached), seg_data.py (scenes as images
++ label maps), seg_loss.py (pixel cross-entropy), seg_evaluation.py (base / novel / harmonic mIoU of student,
+teacher and broadcast baseline, overlays); the student: `vlm_jax.models.segmentation.segmenter`.
+
 Modules (each with its paper and equations):
   run.py            distill(config, workdir): teacher → cached teacher outputs → student → the one loop → metrics
   teacher.py        the frozen teacher (any vlm_jax run or converted CLIP/SigLIP): text, crop and dense embeddings

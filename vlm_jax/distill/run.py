@@ -205,7 +205,11 @@ def baseline_config(config, name: str) -> ml_collections.ConfigDict:
 
 
 def distill(config, workdir: str, *, quiet: bool = False) -> dict:
-  """Runs (or resumes) the method of `config` and its baselines; returns the merged final metrics."""
+  """Runs (or resumes) the method of `config` and its baselines; returns the merged final metrics. A config of
+  task 'segmentation' (MaskCLIP+, LSeg) runs `distill.segmentation.distill` instead."""
+  if config.get("task", "detection") == "segmentation":
+    from vlm_jax.distill import segmentation  # noqa: PLC0415
+    return segmentation.distill(config, workdir, quiet=quiet)
   teacher = teacher_lib.load_teacher(config.teacher)
   config = resolve(config, teacher)
   train_src = data_lib.make_source(config.data, "train")

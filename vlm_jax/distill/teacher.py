@@ -109,14 +109,19 @@ class Teacher:
       out.append(z.reshape(b, p, -1))
     return np.stack(out, axis=2).astype(np.float32)
 
-  def dense(self, images_uint8: np.ndarray, size: int | None = None) -> np.ndarray:
-    """[B, h, w, E] MaskCLIP dense embeddings of images resized (bilinear) to `size` (default: as given)."""
+  @staticmethod
+  def resize(images_uint8: np.ndarray, size: int | None = None) -> np.ndarray:
+    """uint8 images resized (bilinear, anti-aliased RoIAlign sampling) to `size`² (default: as given)."""
     images = np.asarray(images_uint8)
     if size and size != images.shape[1]:
       full = np.asarray([[0, 0, images.shape[2], images.shape[1]]], np.float32)
       images = crop_and_resize(images.astype(np.float32), np.repeat(full[None], len(images), 0), int(size))[:, 0]
       images = np.clip(images + 0.5, 0, 255).astype(np.uint8)
-    return self.model.encode_dense(self.normalize(images))
+    return images
+
+  def dense(self, images_uint8: np.ndarray, size: int | None = None) -> np.ndarray:
+    """[B, h, w, E] MaskCLIP dense embeddings of images resized (bilinear) to `size` (default: as given)."""
+    return self.model.encode_dense(self.normalize(self.resize(images_uint8, size)))
 
 
 def load_teacher(teacher_config) -> Teacher:

@@ -169,6 +169,21 @@ def select_l2(x: np.ndarray, y: np.ndarray, num_classes: int, *, l2_grid: Sequen
   return Selection(chosen, l2s, val_acc, train_acc, refit)
 
 
+def select_on(x: np.ndarray, y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, num_classes: int, *,
+              l2_grid: Sequence[float] = L2_GRID, steps: int = STEPS, tol: float = TOL, standardize: bool = True,
+              mesh=None) -> Selection:
+  """Fits one classifier per λ on (x, y) and chooses λ on the given validation set (val_x, val_y), without a
+  refit: the few-shot protocol (a k-shot draw to fit, a disjoint k-shot draw to choose λ; CoOp's linear-probe
+  baseline, LP-FT's probe). `Selection.probe` is the fit with the chosen λ (one entry). Sees no test data."""
+  l2s = np.sort(np.asarray(l2_grid, np.float64))
+  probe = fit(x, y, num_classes, l2s, steps=steps, tol=tol, standardize=standardize, mesh=mesh)
+  val_acc = np.array([probe.accuracy(val_x, val_y, g) for g in range(len(l2s))])
+  train_acc = np.array([probe.accuracy(x, y, g) for g in range(len(l2s))])
+  g = _best(val_acc)
+  one = Probe(l2s[g:g + 1], probe.mu[g:g + 1], probe.sd[g:g + 1], probe.kernel[g:g + 1], probe.bias[g:g + 1])
+  return Selection(float(l2s[g]), l2s, val_acc, train_acc, one)
+
+
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
                  num_classes: int, *, plot_path: str | None = None, **kwargs) -> dict[str, float]:
   """CLIP's linear-probe protocol (module docstring): {'top1', 'top5', 'mean_per_class_recall', 'l2',

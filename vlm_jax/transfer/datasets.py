@@ -207,6 +207,13 @@ def few_shot(ds: Dataset, *, shots: int, seed: int, val_shots: int | None = None
           restrict(Split(pool.images[va], pool.labels[va]), classes))
 
 
+def unlabelled_pool(ds: Dataset) -> np.ndarray:
+  """The training pool the k-shot sets are drawn from (`POOL_PER_CLASS` per class of a synthetic task; all of a
+  folder / tfds 'train' split), images only: what an unsupervised method (UPL) learns from. Its labels are
+  never read."""
+  return ds.load("train").images
+
+
 def normalize(images: np.ndarray, mean, std) -> np.ndarray:
   from vlm_jax.data import transforms  # noqa: PLC0415
   return transforms.normalize(images, mean, std)

@@ -15,15 +15,28 @@
 4. The one training loop (`vlm_jax.train.loop.train`) for `epochs` × ⌈N/B⌉ steps, the first `warmup_epochs`
    at the constant warmup lr, validating every `eval_every_epochs` (`protocol.Selector` keeps the best step).
    `epochs = 0` evaluates the method at its initialisation (the loop's initial parameters: step 0).
+   Training-free methods (`TRAINING_FREE`) skip the loop; one with a `fit` hook (CALIP's β) gets the k-shot
+   train / validation sets (normalised) and returns the values it keeps. An unsupervised method (`pseudo_label`
+   hook, UPL) never sees a label: it labels the unlabelled training pool itself (`pseudo_labelled`), there is
+   no labelled validation (the last step is kept) and results say `labels_used: false`. A method that trains and
+   has a `fit` hook starts the loop from the params it returns (fine-tuning's zero-shot head, LP-FT's probe).
+   A `candidates` hook (WiSE-FT's θ(α)) offers variants of the selected parameters: the best on validation is
+   kept (ties → the first listed).
 5. The test split is read now, and only now: the metric (`metric`: 'top1', or 'mAP' for a multi-label dataset)
    of the selected parameters and of zero-shot CLIP (`zeroshot/<metric>`; multi-label: its cosine logits per
    class as scores), and `chance` (1/C; multi-label: the mean class frequency of the test split, ≈ the mAP
    of random scores); base / novel / harmonic mean for base-to-novel. `DIR/results.json` holds them (with method,
-   dataset, shots, seed); the return value too.
+   dataset, shots, seed); the return value too. With `config.shift_dataset` (a dataset of the same classes), its
+   test split is scored too (`shift/<metric>`, `zeroshot/shift/<metric>`; every candidate in 'candidates').
+6. A method with a `model_fn` hook (fine-tuning, LP-FT, WiSE-FT) yields a full two-tower model: the loop ran in
+   DIR/train/, and DIR's own checkpoint (`runs.save_model` layout, `store_model`) is the selected model, with its
+   classifier head in DIR/head.npz — `inference.load(DIR)`, `evaluate --checkpoint=DIR` and `convert --to … --input
+   DIR` read it. A `report` hook then writes the method's plots.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -76,8 +89,7 @@ def load_base(checkpoint: str):
 def nest_base(base_variables: dict, trainable: dict | None = None) -> dict:
   """Method variables: every collection of the base under 'base', plus the method's trainable params."""
   out = {c: {"base": tree} for c, tree in base_variables.items()}
-  out["params"] = {**(trainable or {}), **out.get("params", {})}
-  return out
+  return runs.merge_trees(out, {"params": trainable or {}})  # a fine-tuned base ('base/img/…') replaces the base's
 
 
 def _steps(config, n_train: int, batch: int) -> dict:
@@ -88,8 +100,14 @@ def _steps(config, n_train: int, batch: int) -> dict:
           "eval_every": every}
 
 
+@functools.lru_cache(maxsize=32)
+def _jitted_logits(module, logits_fn):
+  """One compiled `logits_fn` per method module (WiSE-FT scores 11 candidates on three splits with it)."""
+  return jax.jit(lambda v, x: logits_fn(module, v, x))
+
+
 def _score(method, variables, split: datasets.Split, mean, std, batch: int, metric: str = "top1") -> float:
-  fn = jax.jit(lambda v, x: method.logits_fn(method.module, v, x))
+  fn = _jitted_logits(method.module, method.logits_fn)
   return protocol.METRICS[metric](fn, variables, datasets.normalize(split.images, mean, std), split.labels, batch)
 
 
@@ -100,6 +118,18 @@ def initial_trainable(method, example: dict, seed: int) -> dict:
   rngs, _ = init_rngs(jax.random.PRNGKey(int(seed)))
   params = jax.jit(lambda: partitioning.unbox(method.module.init(rngs, example, train=False))["params"])()
   return {k: x for k, x in jax.device_get(params).items() if k != "base"}
+
+
+def pseudo_labelled(method, ds, base_variables, config, mean, std) -> datasets.Split:
+  """The training set of an unsupervised method (`Method.pseudo_label`, UPL): the unlabelled training pool
+  (`datasets.unlabelled_pool`: images only, the labels are never read) labelled by the method itself."""
+  if config.protocol != "few_shot" or datasets.is_multilabel(str(config.dataset)):
+    raise UserError(f"{config.method.name} learns from unlabelled images: use protocol few_shot on a "
+                    f"single-label dataset")
+  images = datasets.unlabelled_pool(ds)
+  idx, labels = method.pseudo_label(base_variables, datasets.normalize(images, mean, std).astype(np.float32),
+                                    int(config.shots))
+  return datasets.Split(images[np.asarray(idx)], np.asarray(labels, np.int32))
 
 
 def transfer(config, workdir: str, *, quiet: bool = False) -> dict:
@@ -133,21 +163,32 @@ def transfer(config, workdir: str, *, quiet: bool = False) -> dict:
                         descriptions=[descriptions[c] for c in class_idx] if descriptions else None)
 
   method = make(name, classes)
-  if multilabel:
+  eval_bs = int(config.eval_batch_size)
+  zeroshot = make("zeroshot", classes)
+  base_variables = nest_base(base_vars)
+  if method.pseudo_label is not None:  # unsupervised (UPL): the training labels are never read
+    train, val = pseudo_labelled(method, ds, base_variables, config, mean, std), None
+  elif multilabel:
     train, val = datasets.few_shot_multilabel(ds, shots=int(config.shots), seed=int(config.seed),
                                               val_shots=int(config.val_shots))
   else:
     train, val = datasets.few_shot(ds, shots=int(config.shots), seed=int(config.seed),
                                    val_shots=int(config.val_shots), classes=classes)
-  eval_bs = int(config.eval_batch_size)
-  zeroshot = make("zeroshot", classes)
-  base_variables = nest_base(base_vars)
   results = {"method": name, "dataset": ds.name, "shots": int(config.shots), "seed": int(config.seed),
              "protocol": str(config.protocol), "metric": metric, "classes": len(classes),
-             "chance": 1.0 / len(classes), "train_images": len(train.labels), "val_images": len(val.labels),
-             f"zeroshot/val_{metric}": _score(zeroshot, base_variables, val, mean, std, eval_bs, metric)}
+             "chance": 1.0 / len(classes), "train_images": len(train.labels),
+             "val_images": 0 if val is None else len(val.labels), "labels_used": val is not None,
+             f"zeroshot/val_{metric}": float("nan") if val is None else
+             _score(zeroshot, base_variables, val, mean, std, eval_bs, metric)}
   workdir = loop.prepare_workdir(workdir)
   selected = base_variables
+  # a method whose result is a full model (`model_fn`) trains in DIR/train: DIR's own checkpoint is that model
+  train_dir = os.path.join(workdir, "train") if method.model_fn is not None else workdir
+  start = {}  # a training method's `fit`: its starting point (fine-tuning's zero-shot head, LP-FT's probe)
+  if name not in TRAINING_FREE and method.fit is not None:
+    fitted = method.fit(base_variables, _normalized(train, mean, std), _normalized(val, mean, std))
+    start = fitted.pop("params", {})
+    results.update({f"fit/{k}": v for k, v in fitted.items()})
 
   if name not in TRAINING_FREE and int(config.epochs) > 0:
     dp = jax.device_count()
@@ -157,38 +198,57 @@ def transfer(config, workdir: str, *, quiet: bool = False) -> dict:
     run_cfg.batch_size, run_cfg.total_steps = batch, s["total"]
     run_cfg.optimizer.warmup_steps = s["warmup"]
     run_cfg.eval_every_steps = s["eval_every"]
-    ckpt_dir = os.path.join(workdir, "checkpoints")
+    ckpt_dir = os.path.join(train_dir, "checkpoints")
     resume = max(runs.steps(ckpt_dir), default=0) if os.path.isdir(ckpt_dir) else 0
     evals = [m for m in range(s["eval_every"], s["total"], s["eval_every"]) if m > resume] + [s["total"]]
     jitted = jax.jit(lambda v, x: method.logits_fn(method.module, v, x))
-    selector = protocol.Selector(workdir, jitted, datasets.normalize(val.images, mean, std), val.labels,
-                                 frozen=str(config.frozen), steps=evals, resume_step=resume, batch_size=eval_bs,
-                                 metric=metric)
+    selector = None if val is None else protocol.Selector(
+        train_dir, jitted, datasets.normalize(val.images, mean, std), val.labels, frozen=str(config.frozen),
+        steps=evals, resume_step=resume, batch_size=eval_bs, metric=metric)
 
     def make_data(process_index, process_count):
       return datasets.train_iterator(train, batch_size=batch, seed=int(config.seed), mean=mean, std=std,
                                      flip=bool(config.flip), process_index=process_index,
                                      process_count=process_count)
 
-    last = loop.train(run_cfg, workdir, make_data=make_data, model=method.module, loss_fn=method.loss_fn,
-                      evaluators={"val": selector}, quiet=quiet)
-    if config.select == "val":
+    init_fn = None
+    if start:
+      base_init = runs.initializer(run_cfg.init)
+      init_fn = lambda v: runs.merge_trees(base_init(v), {"params": start})  # noqa: E731
+    last = loop.train(run_cfg, train_dir, make_data=make_data, model=method.module, loss_fn=method.loss_fn,
+                      evaluators={"val": selector} if selector else {}, init_fn=init_fn, quiet=quiet)
+    if config.select == "val" and selector is not None:  # no labelled validation (UPL): the last step
       step, trainable = selector.load_best()
     else:
       step = s["total"]
-      trainable = last_trainable(workdir, run_cfg)
+      trainable = last_trainable(train_dir, run_cfg)
     selected = nest_base(base_vars, trainable)
     results.update({"steps": s["total"], "batch_size": batch, "selected_step": int(step),
-                    f"val/{metric}": selector.history.get(int(step), float("nan")),
+                    f"val/{metric}": selector.history.get(int(step), float("nan")) if selector else float("nan"),
                     "final/train_loss": float(last.get("loss", float("nan")))})
   elif name not in TRAINING_FREE:  # epochs = 0: the method as initialised
     example = {"image": datasets.normalize(train.images[:1], mean, std).astype(np.float32),
                "labels" if multilabel else "label": train.labels[:1]}
-    selected = nest_base(base_vars, initial_trainable(method, example, int(config.seed)))
-    results.update({"steps": 0, "selected_step": 0,
-                    f"val/{metric}": _score(method, selected, val, mean, std, eval_bs, metric)})
-  else:
-    results.update({"steps": 0, "selected_step": 0, f"val/{metric}": results[f"zeroshot/val_{metric}"]})
+    selected = nest_base(base_vars, runs.merge_trees(initial_trainable(method, example, int(config.seed)), start))
+    results.update({"steps": 0, "selected_step": 0, f"val/{metric}": float("nan") if val is None else
+                    _score(method, selected, val, mean, std, eval_bs, metric)})
+  else:  # training-free: `fit` (if any) chooses the method's values on the k-shot sets (CALIP's β: validation)
+    if method.fit is not None:
+      fitted = method.fit(base_variables, _normalized(train, mean, std), _normalized(val, mean, std))
+      selected = nest_base(base_vars, fitted.pop("params", {}))
+      results.update({f"fit/{k}": v for k, v in fitted.items()})
+    results.update({"steps": 0, "selected_step": 0, f"val/{metric}": results[f"zeroshot/val_{metric}"]
+                    if name == "zeroshot" else _score(method, selected, val, mean, std, eval_bs, metric)})
+
+  candidates = []
+  if method.candidates is not None:  # variants of the selected variables (WiSE-FT's θ(α)), chosen on validation
+    if val is None:
+      raise UserError(f"{name} chooses among candidates on the validation split, and this run has none")
+    for labels, variables in method.candidates(base_variables, selected):
+      candidates.append((labels, variables, _score(method, variables, val, mean, std, eval_bs, metric)))
+    best = max(range(len(candidates)), key=lambda i: (candidates[i][2], -i))  # ties: the first listed
+    labels, selected, score = candidates[best]
+    results.update({**labels, f"val/{metric}": score})
 
   # --- the test split: read here, after training and selection, and nowhere else ---
   test = ds.load("test")
@@ -211,13 +271,67 @@ def transfer(config, workdir: str, *, quiet: bool = False) -> dict:
                                                                results["zeroshot/novel/top1"])
     results["top1"] = results["harmonic_mean"]
     results["zeroshot/top1"] = results["zeroshot/harmonic_mean"]
+  shift = str(config.get("shift_dataset", "") or "")
+  shift_test = None
+  if shift:  # the robustness evaluation: the same classes under another distribution (its test split)
+    sds = datasets.open_dataset(shift, image_size=size, templates=config.templates,
+                                test_per_class=int(config.test_per_class),
+                                classnames=str(config.get("classnames", "") or ""))
+    if list(sds.class_names) != list(ds.class_names):
+      raise UserError(f"shift_dataset {shift!r} must have the classes of {config.dataset!r} in the same order")
+    shift_test = sds.load("test")
+    results["shift_dataset"] = sds.name
+    results[f"zeroshot/shift/{metric}"] = _score(zeroshot, base_variables, shift_test, mean, std, eval_bs, metric)
+    results[f"shift/{metric}"] = _score(method, selected, shift_test, mean, std, eval_bs, metric)
+  if candidates:
+    results["candidates"] = [
+        {**labels, f"val/{metric}": score, metric: _score(method, variables, test, mean, std, eval_bs, metric),
+         **({f"shift/{metric}": _score(method, variables, shift_test, mean, std, eval_bs, metric)}
+            if shift_test is not None else {})}
+        for labels, variables, score in candidates]
+  if method.model_fn is not None:
+    store_model(workdir, method, selected, [ds.class_names[c] for c in classes], int(results["selected_step"]))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2, sort_keys=True)
+    if method.report is not None:
+      method.report(results, workdir)
   return results
 
 
+def _normalized(split, mean, std):
+  """`split` with normalised float32 images (what `fit` hooks get); None stays None."""
+  if split is None:
+    return None
+  return datasets.Split(datasets.normalize(split.images, mean, std).astype(np.float32), split.labels)
+
+
+def store_model(workdir: str, method, variables: dict, class_names: list, step: int) -> str:
+  """Writes the full model of a `model_fn` method as DIR's own checkpoint: `runs.save_model` into a fresh
+  folder, whose checkpoints/ and config.json then replace DIR's (the training checkpoints live in DIR/train/),
+  and the classifier head as DIR/head.npz (kernel [C, E], bias [C], logit_scale, class_names; logits =
+  logit_scale · kernel f(x) + bias). Returns DIR."""
+  import shutil  # noqa: PLC0415
+  config, model_vars, head = method.model_fn(variables)
+  target, head_path = os.path.join(workdir, "checkpoints"), os.path.join(workdir, "head.npz")
+  if os.path.isdir(target) and not os.path.exists(head_path):
+    raise UserError(f"{target} holds checkpoints that are not a model this run wrote; use a new workdir")
+  staging = os.path.join(workdir, "model.tmp")
+  if jax.process_index() == 0:
+    shutil.rmtree(staging, ignore_errors=True)
+  runs.save_model(staging, config, model_vars, step=step)
+  if jax.process_index() == 0:
+    if os.path.isdir(target):
+      shutil.rmtree(target)
+    os.replace(os.path.join(staging, "checkpoints"), target)
+    os.replace(os.path.join(staging, "config.json"), os.path.join(workdir, "config.json"))
+    shutil.rmtree(staging, ignore_errors=True)
+    np.savez(head_path, **head, class_names=np.asarray(class_names))
+  return workdir
+
+
 def last_trainable(workdir: str, run_cfg) -> dict:
-  """The trainable params of the newest checkpoint (`select = 'last'`)."""
+  """The trainable params (those `config.frozen` does not match) of the newest checkpoint (`select = 'last'`)."""
+  from flax import traverse_util  # noqa: PLC0415
   variables = runs.load(workdir).variables
-  return {k: v for k, v in variables["params"].items() if k != "base"}
+  return traverse_util.unflatten_dict(protocol.trainable_of(variables, str(run_cfg.frozen)), sep="/")

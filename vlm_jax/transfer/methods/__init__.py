@@ -40,6 +40,36 @@ A builder has the signature
                parameters must not depend on the number of classes unless the method is class-specific
                (then novel evaluation is not defined for it and the protocol reports it as such).
                Multi-label methods (DualCoOp) return per-class scores the same way.
+    fit        optional (default None), for a method in `TRAINING_FREE` that still chooses values on the k-shot
+               data: `fit(variables, train, val) -> {'params': {...}, other scalars}`, train / val =
+               `datasets.Split` with normalised float32 images; the returned params join the base variables for
+               evaluation (so they also serve other class lists) and the scalars go to results.json as
+               'fit/<key>'. Selection uses `val` only (CALIP searches its β on validation).
+    pseudo_label  optional (default None), for an unsupervised method (UPL): `pseudo_label(variables, images,
+               shots) -> (row indices, int labels)`. The run hands it the unlabelled training pool
+               (`datasets.unlabelled_pool`, normalised float32, no labels: none is read) and the protocol's
+               per-class budget `config.shots`, and trains the module on the rows it picked with the labels it
+               made, without validation (the last step is kept); results record `labels_used: false`.
+               A method that trains may have a `fit` too: its params are the loop's starting point (after the
+               base is copied), e.g. fine-tuning's zero-shot head, LP-FT's linear probe, Tip-Adapter-F's cache.
+               A fit's params may have sizes that depend on the data (Tip-Adapter's cache of the N·K training
+               images): the module declares them with `self.variable('params', name, init)` (no shape check;
+               the loop's state takes the sizes of the start), and gradients of what must not train are stopped.
+    candidates optional (default None): `candidates(base_variables, trained) -> [(labels dict, variables)]`,
+               variants of the selected variables (WiSE-FT's θ(α)); the run scores each on the validation split,
+               keeps the best (ties → the first listed), records its labels in results (e.g. 'alpha') and, after
+               selection, scores every candidate on the test split and the shifted task ('candidates').
+               Also the place for hyper-parameters chosen after training: CLIP-Adapter's residual ratio r (one
+               candidate per r), Tip-Adapter-F's (α, β) searched again for the fine-tuned keys.
+    report     optional (default None): `report(results, workdir)`, after the results are complete: a method's own
+               plots (WiSE-FT's `plots/wise_ft.png`).
+    model_fn   optional (default None), for a method whose result is a full two-tower model (fine-tuning,
+               LP-FT, WiSE-FT): `model_fn(variables) -> (model config, model variables, head)`, head =
+               {'kernel' W [C, E], 'bias' b [C], 'logit_scale'} with logits = logit_scale · W f(x) + b. The run
+               trains in DIR/train/ and stores the selected model as DIR's own checkpoint (`runs.save_model`
+               layout) plus DIR/head.npz, so `inference.load(DIR)`, `evaluate --checkpoint=DIR` and `convert --to
+               … --input DIR` read it.
+  A method module may define `check(config)`: preflight's checks of its `config.method` keys (`check_config`).
 
 Shared pieces a method may use (in this package, no utils module):
   prompting.py   `PromptText`: class names tokenised behind M context placeholders ('X X … X name.'), the
@@ -54,6 +84,13 @@ Methods (paper + equation in each module's docstring):
   vp         visual prompting (Bahng et al. 2022)    vpt      VPT shallow / deep (Jia et al. 2022)
   maple      MaPLe (Khattak et al. 2023)             dualcoop DualCoOp (Sun et al. 2022), multi-label
   plot       PLOT (Chen et al. 2023)
+  finetune   full fine-tuning, zero-shot head init (Wortsman et al. 2022)    lp_ft  LP-FT (Kumar et al. 2022)
+  wise_ft    WiSE-FT weight-space ensembles (Wortsman et al. 2022)
+  upl        UPL (Huang et al. 2022), unsupervised   tpt      TPT (Shu et al. 2022), test-time
+  calip      CALIP (Guo et al. 2023), training-free  vcd      descriptors (Menon & Vondrick 2023)
+  linear_probe  L-BFGS probe on frozen features, λ on validation (Radford et al. 2021), training-free
+  clip_adapter  CLIP-Adapter (Gao et al. 2021)        taskres  TaskRes (Yu et al. 2023)
+  tip_adapter   Tip-Adapter, training-free; tip_adapter_f  Tip-Adapter-F (Zhang et al. 2022)
 """
 
 from __future__ import annotations
@@ -68,6 +105,11 @@ class Method(NamedTuple):
   module: Any                 # flax.linen.Module with the frozen base as submodule 'base'
   loss_fn: Callable           # fn(outputs, batch) -> (scalar, metrics)
   logits_fn: Callable         # fn(module, variables, images) -> [B, C]
+  fit: Callable | None = None           # optional, training-free methods: fn(variables, train, val) -> dict
+  pseudo_label: Callable | None = None  # optional, unsupervised methods: fn(variables, images, shots) -> (idx, y)
+  candidates: Callable | None = None    # optional: fn(base_variables, trained) -> [(labels, variables)] (WiSE-FT)
+  report: Callable | None = None        # optional: fn(results, workdir), the method's own plots
+  model_fn: Callable | None = None      # optional, full-model methods: fn(variables) -> (config, variables, head)
 
 
 METHODS: dict[str, Any] = {
@@ -81,10 +123,22 @@ METHODS: dict[str, Any] = {
     "maple": "vlm_jax.transfer.methods.maple:build",
     "dualcoop": "vlm_jax.transfer.methods.dualcoop:build",
     "plot": "vlm_jax.transfer.methods.plot:build",
+    "finetune": "vlm_jax.transfer.methods.finetune:build",
+    "lp_ft": "vlm_jax.transfer.methods.lp_ft:build",
+    "wise_ft": "vlm_jax.transfer.methods.wise_ft:build",
+    "upl": "vlm_jax.transfer.methods.upl:build",
+    "tpt": "vlm_jax.transfer.methods.tpt:build",
+    "calip": "vlm_jax.transfer.methods.calip:build",
+    "vcd": "vlm_jax.transfer.methods.vcd:build",
+    "linear_probe": "vlm_jax.transfer.methods.linear_probe:build",
+    "clip_adapter": "vlm_jax.transfer.methods.clip_adapter:build",
+    "tip_adapter": "vlm_jax.transfer.methods.tip_adapter:build",
+    "tip_adapter_f": "vlm_jax.transfer.methods.tip_adapter:build_f",
+    "taskres": "vlm_jax.transfer.methods.taskres:build",
 }
 
 # methods that learn nothing: the run evaluates them without calling the training loop
-TRAINING_FREE = ("zeroshot",)
+TRAINING_FREE = ("zeroshot", "tpt", "calip", "vcd", "linear_probe", "tip_adapter")
 
 
 def get_builder(name: str) -> Callable[..., Method]:
@@ -101,3 +155,14 @@ def get_builder(name: str) -> Callable[..., Method]:
 def build_method(name: str, cfg, **kwargs) -> Method:
   """`get_builder(name)(cfg, **kwargs)` (see the module docstring for the keyword arguments)."""
   return get_builder(name)(cfg, **kwargs)
+
+
+def check_config(config) -> None:
+  """Preflight of `config.method`: the method module's own `check(config)`, when it defines one."""
+  spec = METHODS.get(str(config.method.get("name")))
+  if spec is None:
+    return
+  module = spec.split(":")[0] if isinstance(spec, str) else spec.__module__
+  check = getattr(importlib.import_module(module), "check", None)
+  if check is not None:
+    check(config)

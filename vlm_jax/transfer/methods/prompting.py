@@ -76,14 +76,15 @@ def make_handcrafted(tokenizer, class_names: Sequence[str], templates: Sequence[
   return HandCrafted(tuple(map(tuple, ids.tolist())), tuple(owner), len(per_class))
 
 
-def handcrafted_weights(base: nn.Module, hc: HandCrafted) -> jax.Array:
+def handcrafted_weights(base: nn.Module, hc: HandCrafted, *, stop_gradient: bool = True) -> jax.Array:
   """The CLIP prompt-ensemble classifier [C, E] (Radford et al. 2021 §3.1.4): per class, the mean of its
   prompts' normalised text embeddings, renormalised (`embedding.classifier.class_embeddings`, in-graph and
-  with gradients stopped)."""
+  with gradients stopped unless `stop_gradient=False`: fine-tuning through the text tower)."""
   z = base.encode_text(jnp.asarray(hc.ids, jnp.int32), train=False)
   owner = jnp.asarray(hc.owner, jnp.int32)
   sums = jax.ops.segment_sum(z, owner, num_segments=hc.n_classes)
-  return jax.lax.stop_gradient(l2_normalize(sums))
+  w = l2_normalize(sums)
+  return jax.lax.stop_gradient(w) if stop_gradient else w
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:

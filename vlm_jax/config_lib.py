@@ -87,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
   # losses, counted in metric spike_skipped_steps; 0 = off (no extra state)
   c.loss_spike_factor = 0.0
   c.loss_spike_window = 32
+  c.profile_steps = ""          # 'START,END': a jax.profiler trace of those steps under DIR/profile/ (train/profiling)
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
   c.partitioning = ml_collections.ConfigDict({"rules": None})  # None: vlm_jax.parallel.partitioning.DEFAULT_RULES
   c.frozen = ""                 # regex over '/'-joined parameter paths; matches get no gradient (LiT)
@@ -157,8 +158,10 @@ def tiny_model(image_size: int = 32) -> ml_collections.ConfigDict:
       "image": {"kind": "resnet", "variant": "tiny", "image_size": image_size, "train_batch_stats": True},
       "text": {"kind": "text", "variant": "tiny", "width": 64, "depth": 2, "num_heads": 2, "mlp_dim": 256},
       "embed_dim": 64, "logit_scale_init": CLIP_LOGIT_SCALE_INIT, "logit_bias_init": None,
-      "simclr_head": None, "flip_mask_ratio": 0.0, "scan": False, "remat": "none", "dtype": "float32",
-      "param_dtype": "float32"})
+      # dtype 'auto': float32 on CPU, bfloat16 on GPU / TPU (models.dtype_of); attention 'auto': cuDNN flash
+      # attention on an NVIDIA GPU in bfloat16, XLA elsewhere (models.transformer.attention_implementation)
+      "simclr_head": None, "flip_mask_ratio": 0.0, "scan": False, "remat": "none", "dtype": "auto",
+      "param_dtype": "float32", "attention": "auto"})
 
 
 def micro_run() -> dict:
@@ -203,7 +206,7 @@ def vit_text_model(img: str, txt: str, res: int, embed: int) -> ml_collections.C
       "text": {"kind": "text", "variant": txt, "vocab_size": 49408, "max_len": 77},
       "embed_dim": embed, "logit_scale_init": CLIP_LOGIT_SCALE_INIT, "logit_bias_init": None,
       "simclr_head": None, "flip_mask_ratio": 0.0, "scan": True, "remat": "dots_with_no_batch_dims_saveable",
-      "dtype": "bfloat16", "param_dtype": "float32"})
+      "dtype": "bfloat16", "param_dtype": "float32", "attention": "auto"})
 
 
 def two_tower(arg: str | None, *, embed: int = 512):

@@ -77,6 +77,7 @@ def loop(config, *, batch: bool = True, init: bool = True) -> None:
   init sources (their checkpoints exist, when `init`; the distillation placeholder 'teacher' is skipped)."""
   from vlm_jax import runs  # noqa: PLC0415
   from vlm_jax.train import loop as loop_lib  # noqa: PLC0415
+  from vlm_jax.train import profiling  # noqa: PLC0415
   from vlm_jax.train.optim import make_optimizer  # noqa: PLC0415
   for key, low in _LOOP_INTS:
     integer(config, key, low)
@@ -87,6 +88,7 @@ def loop(config, *, batch: bool = True, init: bool = True) -> None:
     loop_lib.check_batch_size(int(config.batch_size), m, accum)
   make_optimizer(config.optimizer, max(int(config.total_steps), 1))
   loop_lib.spike_guard_settings(config)
+  profiling.parse(config.get("profile_steps"))
   regex(config.get("frozen"), "frozen")
   for src in runs.sources(config.get("init")) if init else ():
     regex(src["params"], "init.params")

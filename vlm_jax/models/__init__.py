@@ -38,6 +38,7 @@ FRAMEWORKS: dict[str, str] = {
     "two_leg": "vlm_jax.models.two_leg",
     "one_tower": "vlm_jax.models.one_tower",
     "detector": "vlm_jax.models.detection.detector",
+    "segmenter": "vlm_jax.models.segmentation.segmenter",
 }
 _VARIANT_DECODERS = {"vit": variants.vit_variant, "resnet": variants.resnet_variant,
                      "text": variants.text_variant}
@@ -62,11 +63,19 @@ def _plain(cfg) -> dict:
 
 
 def dtype_of(name) -> Any:
-  """'float32' | 'bfloat16' | 'float16' (or a dtype) -> jnp dtype; unknown names raise `UserError`."""
+  """'float32' | 'bfloat16' | 'float16' | 'auto' (or a dtype) -> jnp dtype; unknown names raise `UserError`.
+
+  'auto' is the platform's compute dtype: bfloat16 on TPU and GPU (their matrix units run it at full rate, and
+  the losses compute in float32 regardless), float32 on CPU (where bfloat16 matmuls are emulated and slower).
+  It is meant for `model.dtype`; parameters stay `param_dtype` = float32 (the optimizer's precision).
+  """
   if not isinstance(name, str):
     return name
+  if name == "auto":
+    import jax  # noqa: PLC0415
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
   if name not in DTYPES:
-    raise UserError(f"unknown dtype {name!r}; valid choices: {', '.join(DTYPES)}")
+    raise UserError(f"unknown dtype {name!r}; valid choices: {', '.join(DTYPES)}, auto")
   return DTYPES[name]
 
 
@@ -97,9 +106,14 @@ def build_encoder(cfg, defaults: Mapping[str, Any] | None = None, allowed_kinds=
 
 
 def common_defaults(cfg: Mapping[str, Any]) -> dict:
-  """Encoder defaults every framework passes down from the model config: scan, remat, dtype, param_dtype."""
-  return dict(scan=bool(cfg.get("scan", False)), remat=cfg.get("remat", "none"),
-              dtype=dtype_of(cfg.get("dtype", "float32")), param_dtype=dtype_of(cfg.get("param_dtype", "float32")))
+  """Encoder defaults every framework passes down from the model config: scan, remat, dtype, param_dtype and the
+  attention kernel (`attention`: 'auto' | 'xla' | 'cudnn', resolved for this platform and dtype by
+  `transformer.attention_implementation`)."""
+  from vlm_jax.models.transformer import attention_implementation  # noqa: PLC0415
+  dtype = dtype_of(cfg.get("dtype", "float32"))
+  return dict(scan=bool(cfg.get("scan", False)), remat=cfg.get("remat", "none"), dtype=dtype,
+              param_dtype=dtype_of(cfg.get("param_dtype", "float32")),
+              attention=attention_implementation(str(cfg.get("attention", "auto")), dtype))
 
 
 def build_model(config):

@@ -78,7 +78,7 @@ def build(cfg: dict) -> CapPa:
   defaults = common_defaults(cfg)
   if not cfg.get("image") or not cfg.get("text"):
     raise UserError("a 'cappa' model config needs `image` (ViT) and `text` (decoder) dicts")
-  known = {"framework", "image", "text", "parallel_fraction", "scan", "remat", "dtype", "param_dtype"}
+  known = {"framework", "image", "text", "parallel_fraction", "scan", "remat", "dtype", "param_dtype", "attention"}
   unknown = sorted(set(cfg) - known)
   if unknown:
     raise UserError(f"unknown cappa model option(s) {unknown}; valid: {sorted(known)}")

@@ -129,7 +129,7 @@ def build(cfg: dict) -> CoCa:
   decoder = TextDecoder(cls_token=True, dtype=defaults["dtype"], param_dtype=defaults["param_dtype"], **kw)
   max_log = cfg.get("max_log_logit_scale", MAX_LOG_LOGIT_SCALE)
   known = {"framework", "image", "text", "embed_dim", "n_queries", "pooler_heads", "logit_scale_init",
-           "max_log_logit_scale", "scan", "remat", "dtype", "param_dtype"}
+           "max_log_logit_scale", "scan", "remat", "dtype", "param_dtype", "attention"}
   unknown = sorted(set(cfg) - known)
   if unknown:
     raise UserError(f"unknown coca model option(s) {unknown}; valid: {sorted(known)}")

@@ -161,7 +161,8 @@ def build(cfg: dict) -> MAE:
     raise UserError(f"unknown mae decoder option(s) {unknown}; valid: {list(DECODER_KEYS)}")
   teacher_cfg = _plain(cfg.get("teacher"))
   teacher = build_encoder(teacher_cfg, defaults, ("vit",)) if teacher_cfg else None
-  known = {"image", "decoder", "teacher", "mask_ratio", "norm_pix_loss", "scan", "remat", "dtype", "param_dtype"}
+  known = {"image", "decoder", "teacher", "mask_ratio", "norm_pix_loss", "scan", "remat", "dtype", "param_dtype",
+           "attention"}
   unknown = sorted(set(cfg) - known)
   if unknown:
     raise UserError(f"unknown mae model option(s) {unknown}; valid: {sorted(known)}")

@@ -58,6 +58,7 @@ class SharedTower(nn.Module):
   remat: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "xla"        # 'xla' | 'cudnn' (transformer.attention_implementation)
 
   def setup(self):
     if self.pool_type not in ("gap", "cls"):
@@ -81,7 +82,7 @@ class SharedTower(nn.Module):
     self.text_pos = self.param("text_pos", nn.with_logical_partitioning(
         nn.initializers.normal(0.01), (None, "embed")), (self.max_len, d), self.param_dtype)
     self.encoder = Encoder(depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim, scan=self.scan,
-                           remat=self.remat, name="Transformer", **kw)
+                           remat=self.remat, attention=self.attention, name="Transformer", **kw)
 
   def image(self, images, *, train: bool = False):
     x = self.patch_embedding(images.astype(self.dtype))

@@ -52,6 +52,7 @@ class TextTransformer(nn.Module):
   remat: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "xla"        # 'xla' | 'cudnn' (transformer.attention_implementation)
 
   def setup(self):
     if self.pool_type not in POOL_TYPES:
@@ -69,7 +70,7 @@ class TextTransformer(nn.Module):
     self.encoder = Encoder(
         depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim, act=self.act, norm_eps=self.norm_eps,
         dropout=self.dropout, causal=self.causal, prompt_start=self.prompt_start, scan=self.scan, remat=self.remat,
-        dtype=self.dtype, param_dtype=self.param_dtype, name="Transformer")
+        dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention, name="Transformer")
 
   def embed(self, ids):
     """Token embeddings [B, L, D] (no positions) for int ids [B, L]."""

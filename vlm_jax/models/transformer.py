@@ -9,6 +9,7 @@ policy are named in config, MaxText style.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -64,6 +65,66 @@ def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None, eps: f
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
 
 
+ATTENTION_CHOICES = ("auto", "xla", "cudnn")
+_warned: set[str] = set()
+
+
+def _nvidia_gpu() -> bool:
+  devices = jax.devices()
+  return devices[0].platform == "gpu" and "cuda" in str(getattr(devices[0].client, "platform_version", "")).lower()
+
+
+def attention_implementation(name: str, dtype) -> str:
+  """`model.attention` -> the implementation the encoders use: 'xla' or 'cudnn' (cuDNN flash attention).
+
+  'auto' picks cuDNN on an NVIDIA GPU when the model computes in bfloat16 / float16, XLA everywhere else (TPU,
+  CPU, float32); 'cudnn' asks for it explicitly (a `UserError` off NVIDIA GPUs). Either way `attend` falls back
+  to XLA, with a one-line warning, for a call the kernel cannot take.
+  """
+  if name not in ATTENTION_CHOICES:
+    raise UserError(f"unknown model.attention {name!r}; valid choices: {', '.join(ATTENTION_CHOICES)}")
+  if name == "xla":
+    return "xla"
+  gpu = _nvidia_gpu()
+  if name == "cudnn":
+    if not gpu:
+      raise UserError(f"model.attention='cudnn' needs an NVIDIA GPU (this job runs on {jax.default_backend()}); "
+                      f"use 'auto' or 'xla'")
+    return "cudnn"
+  return "cudnn" if gpu and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else "xla"
+
+
+def cudnn_unsupported(q, mask) -> str | None:
+  """Why cuDNN's flash attention cannot take queries `q` [B, L, heads, head_dim] with `mask`, or None."""
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    return f"{q.dtype} inputs (it takes bfloat16 / float16)"
+  if q.shape[-1] > 128 or q.shape[-1] % 8:
+    return f"head size {q.shape[-1]} (it takes multiples of 8 up to 128)"
+  if mask is not None:
+    return "a mask other than causal"
+  return None
+
+
+def attend(q, k, v, mask=None, *, causal: bool = False, implementation: str = "xla"):
+  """softmax(q·kᵀ/√d + mask) v by `jax.nn.dot_product_attention` over [B, L, heads, head_dim] arrays.
+
+  `mask` (boolean, True = may attend) and `causal` combine. 'cudnn' runs the flash kernel (causal as the kernel's
+  own mask type, no [L, L] mask built) where `cudnn_unsupported` finds nothing, otherwise XLA with one warning per
+  reason; 'xla' builds the causal mask and calls XLA's implementation.
+  """
+  if implementation == "cudnn":
+    why = cudnn_unsupported(q, mask)
+    if why is None:
+      return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+    if why not in _warned:
+      _warned.add(why)
+      logging.getLogger("vlm_jax").warning("cuDNN attention cannot run with %s: using XLA attention there", why)
+  if causal:
+    cm = causal_mask(q.shape[1])
+    mask = cm if mask is None else jnp.logical_and(mask, cm)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
 def causal_mask(length: int) -> jax.Array:
   """[1, 1, L, L] boolean mask, True where query i may attend key j <= i (autoregressive text, CLIP)."""
   return jnp.tril(jnp.ones((length, length), bool))[None, None]
@@ -98,11 +159,14 @@ class HeadsDense(nn.Module):
 class Attention(nn.Module):
   """Multi-head dot-product attention (Vaswani et al. 2017) with q/k/v kernels [embed, heads, kv].
 
-  `mask` is boolean, broadcastable to [B, heads, Lq, Lk]; True = may attend.
+  `mask` is boolean, broadcastable to [B, heads, Lq, Lk]; True = may attend. `causal` adds the autoregressive
+  mask and `implementation` ('xla' | 'cudnn') picks the kernel (`attend`).
   """
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  causal: bool = False
+  implementation: str = "xla"
 
   @nn.compact
   def __call__(self, x_q, x_kv=None, mask=None):
@@ -120,7 +184,8 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(checkpoint_name(proj("query", x_q), "query_proj"), heads_spec)
     k = nn.with_logical_constraint(checkpoint_name(proj("key", x_kv), "key_proj"), heads_spec)
     v = nn.with_logical_constraint(checkpoint_name(proj("value", x_kv), "value_proj"), heads_spec)
-    y = nn.with_logical_constraint(jax.nn.dot_product_attention(q, k, v, mask=mask), heads_spec)
+    y = attend(q, k, v, mask, causal=self.causal, implementation=self.implementation)
+    y = nn.with_logical_constraint(y, heads_spec)
     return HeadsDense((d,), 2, ("heads", "kv", "embed"), ("embed",), name="out", **kw)(y)
 
 
@@ -169,6 +234,8 @@ class Block(nn.Module):
   emit: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  causal: bool = False           # set by `Encoder` only for the cuDNN kernel (XLA gets the causal mask in `mask`)
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, mask=None, prompt=None, use_prompt=None, self_only=None):
@@ -186,7 +253,7 @@ class Block(nn.Module):
                                                                                                  eye.shape))
       mask = jnp.where(self_only, eye, full)
     y = layer_norm(name="ln1", eps=self.norm_eps, **kw)(x)
-    y = Attention(self.num_heads, name="attn", **kw)(y, mask=mask)
+    y = Attention(self.num_heads, name="attn", causal=self.causal, implementation=self.attention, **kw)(y, mask=mask)
     y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
     x = nn.with_logical_constraint(x + y, ACT)
     y = layer_norm(name="ln2", eps=self.norm_eps, **kw)(x)
@@ -206,7 +273,8 @@ class Encoder(nn.Module):
   [prompt_start, prompt_start + P) before each of the first n blocks (VPT-deep / MaPLe); the caller has
   already placed P tokens there. `dense=True` runs the last block in MaskCLIP mode (each token attends only to
   itself: see `Block`), for dense patch features (Zhou et al. 2022). `norm_eps` is the epsilon of every
-  LayerNorm (1e-5 as CLIP; SigLIP checkpoints use 1e-6, Zhai et al. 2023).
+  LayerNorm (1e-5 as CLIP; SigLIP checkpoints use 1e-6, Zhai et al. 2023). `attention` is the kernel
+  ('xla' | 'cudnn', `attention_implementation`); with 'cudnn' a causal stack hands causality to the kernel.
 
   `intermediates` (block indices, negative counting from the end) makes the call return (x, [h_i …]): h_i the
   sequence after block i (before the final LayerNorm), in the order given. Unrolled, the chosen outputs are
@@ -226,12 +294,14 @@ class Encoder(nn.Module):
   norm_eps: float = 1e-5
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, mask=None, prompts=None, *, train: bool = False, dense: bool = False,
                intermediates=None):
     layers = None if intermediates is None else block_indices(intermediates, self.depth)
-    if self.causal:
+    kernel_causal = self.causal and self.attention == "cudnn"
+    if self.causal and not kernel_causal:
       cm = causal_mask(x.shape[1])
       mask = cm if mask is None else jnp.logical_and(mask, cm)
     use = None
@@ -251,7 +321,7 @@ class Encoder(nn.Module):
       block_cls = nn.remat(Block, policy=policy, prevent_cse=not self.scan)
     kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, act=self.act, dropout=self.dropout,
               prompt_start=self.prompt_start, deterministic=not train, norm_eps=self.norm_eps, dtype=self.dtype,
-              param_dtype=self.param_dtype)
+              param_dtype=self.param_dtype, causal=kernel_causal, attention=self.attention)
     feats = {}
     x = nn.with_logical_constraint(x, ACT)
     if self.scan:

@@ -337,7 +337,7 @@ def build(cfg: dict) -> TwoLeg:
   """
   cfg = dict(cfg)
   known = {"image", "text", "fusion", "tasks", "mlm_ratio", "mim_ratio", "mlm_fused", "mlm_skip_first", "decoder",
-           "embed_dim", "logit_scale_init", "max_log_logit_scale", "scan", "remat", "dtype", "param_dtype",
+           "embed_dim", "logit_scale_init", "max_log_logit_scale", "scan", "remat", "dtype", "param_dtype", "attention",
            "logit_bias_init", "simclr_head", "flip_mask_ratio", "itm_hard_fraction"}
   unknown = sorted(set(cfg) - known)
   if unknown:

@@ -171,6 +171,7 @@ class ViT(nn.Module):
   remat: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "xla"        # 'xla' | 'cudnn' (transformer.attention_implementation)
 
   def grid_size(self, image_hw: Sequence[int]) -> tuple[int, int]:
     """Patch grid (gh, gw) for an input of spatial size (H, W)."""
@@ -256,7 +257,7 @@ class ViT(nn.Module):
       mask = keys[:, None, None, :]
     x = Encoder(depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim, act=self.act,
                 norm_eps=self.norm_eps, dropout=self.dropout, prompt_start=start, scan=self.scan,
-                remat=self.remat, name="Transformer", **kw)(x, mask, prompts, train=train,
+                remat=self.remat, attention=self.attention, name="Transformer", **kw)(x, mask, prompts, train=train,
                                           dense=dense and self.pool_type != "map", intermediates=intermediates)
     if intermediates is not None:
       x, hidden = x

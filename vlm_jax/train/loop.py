@@ -32,6 +32,7 @@ from vlm_jax.parallel import mesh as mesh_lib
 from vlm_jax.parallel import partitioning
 from vlm_jax.train import flops as flops_lib
 from vlm_jax.train import metrics as metrics_lib
+from vlm_jax.train import profiling
 from vlm_jax.train.optim import make_optimizer
 from vlm_jax.train.state import create_train_state
 from vlm_jax.train.step import jit_train_step, spike_guard_settings
@@ -132,9 +133,29 @@ def train(config, workdir: str, *, make_data: Callable, model, loss_fn: Callable
   """
   if init_fn is None:
     init_fn = runs.initializer(config.get("init"))
+  opened = []
+
+  def open_data(process_index, process_count):
+    opened.append(make_data(process_index, process_count))
+    return opened[-1]
+
   with _Preemption() as preempt:  # installed first: a SIGTERM during set-up still ends in a checkpoint
-    return _train(config, workdir, preempt, make_data=make_data, model=model, loss_fn=loss_fn,
-                  evaluators=evaluators, init_fn=init_fn, quiet=quiet)
+    try:
+      return _train(config, workdir, preempt, make_data=open_data, model=model, loss_fn=loss_fn,
+                    evaluators=evaluators, init_fn=init_fn, quiet=quiet)
+    finally:
+      for data_iter in opened:
+        _close(data_iter)
+
+
+def _close(data_iter) -> None:
+  """Stops the iterator's workers now (grain's `close`), not in a finaliser racing the interpreter's exit."""
+  close = getattr(data_iter, "close", None)
+  if close is not None:
+    try:
+      close()
+    except Exception as e:  # noqa: BLE001 - a failing shutdown must not hide the run's own outcome
+      log.debug("closing the data iterator failed: %s", e)
 
 
 def _train(config, workdir, preempt, *, make_data, model, loss_fn, evaluators, init_fn, quiet):
@@ -190,6 +211,7 @@ def _train(config, workdir, preempt, *, make_data, model, loss_fn, evaluators, i
     model_flops = _model_flops(model, loss_fn, row_shapes, config.batch_size, frozen)
   peak = flops_lib.peak_flops_per_device()[0]  # outside the mesh: on CPU it times a matmul on one device
   t0, images, window = time.perf_counter(), 0, 0
+  trace = profiling.StepTrace(config.get("profile_steps"), workdir, quiet=quiet)
 
   def evaluate(step):
     out = {}
@@ -204,9 +226,11 @@ def _train(config, workdir, preempt, *, make_data, model, loss_fn, evaluators, i
       for step in range(start, total):
         batch = first if first is not None else next(data_iter)
         first = None
-        state, metrics = train_step(state, global_batch(batch, mesh))
-        images, window = images + config.batch_size, window + 1
         done = step + 1
+        trace.before(done)
+        state, metrics = train_step(state, global_batch(batch, mesh))
+        trace.after(done, metrics)
+        images, window = images + config.batch_size, window + 1
         is_log_step = done % log_every == 0 or done == total
         if step == start and not is_log_step:  # the throughput window starts after compilation
           jax.block_until_ready(metrics)
@@ -247,6 +271,7 @@ def _train(config, workdir, preempt, *, make_data, model, loss_fn, evaluators, i
 
     ckpt.close()
   finally:
+    trace.stop()
     if bar:
       bar.close()
   writer.close()

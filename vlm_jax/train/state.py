@@ -49,11 +49,18 @@ def loss_guard_init(window: int) -> dict:
   return {"recent": jnp.full((int(window),), jnp.nan, jnp.float32), "skipped": jnp.zeros((), jnp.int32)}
 
 
-def _create(model: nn.Module, tx: optax.GradientTransformation, example_batch: dict, frozen: str | None,
-            rng: jax.Array, spike_window: int = 0) -> TrainState:
+def init_rngs(rng: jax.Array) -> tuple[dict, jax.Array]:
+  """The run's key split the one way every run initialises: (the `model.init` rngs {'params', 'dropout',
+  'mask'}, the state's own key for the steps). Transfer uses it to rebuild a method's step-0 parameters."""
   init_rng, state_rng = jax.random.split(rng)
   k_params, k_drop, k_mask = jax.random.split(init_rng, 3)
-  variables = model.init({"params": k_params, "dropout": k_drop, "mask": k_mask}, example_batch, train=False)
+  return {"params": k_params, "dropout": k_drop, "mask": k_mask}, state_rng
+
+
+def _create(model: nn.Module, tx: optax.GradientTransformation, example_batch: dict, frozen: str | None,
+            rng: jax.Array, spike_window: int = 0) -> TrainState:
+  rngs, state_rng = init_rngs(rng)
+  variables = model.init(rngs, example_batch, train=False)
   variables = dict(variables)
   params = variables.pop("params")
   trainable, froz = optim.split_frozen(params, frozen)

@@ -112,12 +112,10 @@ def _score(method, variables, split: datasets.Split, mean, std, batch: int, metr
 
 
 def initial_trainable(method, example: dict, seed: int) -> dict:
-  """The method's parameters at step 0, as the loop initialises them (`vlm_jax.train.state`: the params key of
-  PRNGKey(seed) split into (init, state), then init into (params, dropout, mask))."""
+  """The method's parameters at step 0, as the loop initialises them (`vlm_jax.train.state.init_rngs`)."""
   from vlm_jax.parallel import partitioning  # noqa: PLC0415
-  init_rng, _ = jax.random.split(jax.random.PRNGKey(int(seed)))
-  k_params, k_drop, k_mask = jax.random.split(init_rng, 3)
-  rngs = {"params": k_params, "dropout": k_drop, "mask": k_mask}
+  from vlm_jax.train.state import init_rngs  # noqa: PLC0415
+  rngs, _ = init_rngs(jax.random.PRNGKey(int(seed)))
   params = jax.jit(lambda: partitioning.unbox(method.module.init(rngs, example, train=False))["params"])()
   return {k: x for k, x in jax.device_get(params).items() if k != "base"}
 

@@ -181,8 +181,8 @@ class TwoStageDetector(nn.Module):
 # ---- factory --------------------------------------------------------------------------------------------------
 
 _HEAD_KEYS = ("fc_dim", "num_fc", "roi_size", "sampling_ratio", "canonical_size", "canonical_level")
-_OWN_KEYS = ("image", "two_tower", "pyramid", "pyramid_channels", "embed_dim", "dtype", "param_dtype", "scan",
-             "remat", "open_vocab")
+_OWN_KEYS = ("image", "two_tower", "pyramid", "pyramid_channels", "embed_dim", "dtype", "param_dtype", "attention",
+             "scan", "remat", "open_vocab")
 
 
 def build(cfg: Mapping[str, Any]) -> nn.Module:

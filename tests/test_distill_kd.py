@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -102,3 +103,45 @@ def test_config_mistakes_are_user_errors(key, value, match):
   c[key] = value
   with pytest.raises(UserError, match=match):
     classification.check(c)
+
+
+class _Crash(Exception):
+  pass
+
+
+def test_crash_then_resume_replays_the_teacher_targets(pretrained_resnet, tmp_path):
+  """A KD run that dies while the teacher computes the targets of step 4's batch (after the step-2 checkpoint) and
+  is rerun logs exactly the uninterrupted run's losses (the wrapped iterator's state is the pipeline's)."""
+  from vlm_jax.distill import classification, teacher as teacher_lib
+  c = th.load_config("configs/distill/clip_kd.py", "micro")
+  c.teacher.checkpoint = pretrained_resnet
+  c.total_steps, c.checkpoint_every_steps, c.evals = 4, 2, {}
+  teacher = teacher_lib.load_teacher(c.teacher)
+  classification.train_one(c, str(tmp_path / "a"), teacher=teacher, quiet=True)
+  original = classification.make_targets
+  calls = []
+
+  def crashing(*args):
+    fn = original(*args)
+
+    def targets(batch):
+      calls.append(1)
+      if len(calls) == 4:
+        raise _Crash()
+      return fn(batch)
+    return targets
+  classification.make_targets = crashing
+  try:
+    with pytest.raises(_Crash):
+      classification.train_one(c, str(tmp_path / "b"), teacher=teacher, quiet=True)
+  finally:
+    classification.make_targets = original
+  ckpts = tmp_path / "b" / "checkpoints"  # a real crash ends the process; here the async save must land first
+  for _ in range(600):
+    if ckpts.exists() and not any(p.name.endswith("orbax-checkpoint-tmp") for p in ckpts.iterdir()):
+      break
+    time.sleep(0.1)
+  classification.train_one(c, str(tmp_path / "b"), teacher=teacher, quiet=True)
+  a, b = dict(_losses(str(tmp_path / "a"))), dict(_losses(str(tmp_path / "b")))
+  print("uninterrupted", a, "crashed + resumed", b)
+  assert sorted(b) == [1, 2, 3, 4] and a == b

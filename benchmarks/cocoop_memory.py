@@ -34,11 +34,9 @@ def _parse(argv):
 
 
 def _config(model: str):
-  import importlib.util  # noqa: PLC0415
-  spec = importlib.util.spec_from_file_location("cfg_clip", os.path.join(ROOT, "configs/pretrain/clip.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config("tiny" if model == "tiny" else "img=B/16,txt=B,res=224")
+  from vlm_jax import config_lib  # noqa: PLC0415
+  c = config_lib.load_file("configs/pretrain/clip.py:" + ("tiny" if model == "tiny" else "img=B/16,txt=B,res=224"),
+                           root=ROOT)
   if c.model.image.get("kind") == "resnet":
     c.model.image.train_batch_stats = False
   return c

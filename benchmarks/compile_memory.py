@@ -40,11 +40,8 @@ def _parse(argv):
 
 
 def _load_clip_config(arg: str):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("cfg_clip", os.path.join(ROOT, "configs/pretrain/clip.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  from vlm_jax import config_lib
+  return config_lib.load_file(f"configs/pretrain/clip.py:{arg}", root=ROOT)
 
 
 def main(argv=None) -> None:

@@ -354,11 +354,8 @@ def profile(pattern: str, args) -> list[dict]:
 # ---- images/s the training step needs --------------------------------------------------------------------------
 
 def _config(arg: str):
-  import importlib.util  # noqa: PLC0415
-  spec = importlib.util.spec_from_file_location("clip_config", os.path.join(ROOT, "configs/pretrain/clip.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  from vlm_jax import config_lib  # noqa: PLC0415
+  return config_lib.load_file(f"configs/pretrain/clip.py:{arg}", root=ROOT)
 
 
 def _example_batch(config, tokenizer, batch: int) -> dict:

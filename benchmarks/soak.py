@@ -54,13 +54,9 @@ def _parse(argv):
 def _child(args) -> None:
   """The training process: the micro config with evaluators and checkpoints every `--every` steps."""
   sys.path.insert(0, ROOT)
-  import importlib.util  # noqa: PLC0415
 
   from vlm_jax import config_lib, runner  # noqa: PLC0415
-  spec = importlib.util.spec_from_file_location("soak_config", os.path.join(ROOT, "configs/pretrain/clip.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config("micro")
+  c = config_lib.load_file("configs/pretrain/clip.py:micro", root=ROOT)
   c.total_steps, c.log_every_steps = args.steps, args.every
   c.eval_every_steps, c.checkpoint_every_steps, c.keep_checkpoints = args.every, args.every, args.keep
   c.evals = config_lib.synthetic_evals("micro")

@@ -42,12 +42,9 @@ def _parse(argv):
 
 
 def _load(path_arg: str):
-  import importlib.util
+  from vlm_jax import config_lib
   path, _, arg = path_arg.partition(":")
-  spec = importlib.util.spec_from_file_location("bench_config", os.path.join(ROOT, path))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg or "tiny")
+  return config_lib.load_file(f"{path}:{arg or 'tiny'}", root=ROOT)
 
 
 def _vlm_jax_step(config, batch_size: int):

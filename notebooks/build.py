@@ -51,7 +51,20 @@ import jax
 BACKEND = jax.default_backend()  # 'tpu' | 'gpu' | 'cpu': the parameters below pick their sizes from it
 ACCELERATOR = BACKEND != "cpu"
 print(f"vlm_jax at {{REPO_DIR}}; JAX {{jax.__version__}} on {{BACKEND}}: "
-      f"{{jax.device_count()}} x {{jax.devices()[0].device_kind}}")'''
+      f"{{jax.device_count()}} x {{jax.devices()[0].device_kind}}")
+
+import io
+import matplotlib.pyplot as plt
+from IPython import display as ipd
+from vlm_jax.config_lib import load_file as get_config  # 'configs/…/x.py:arg' -> ConfigDict, as --config= reads it
+
+
+def show(fig):
+    """Displays a figure inline as a PNG, whatever pyplot's backend (runs that write PNG plots switch it to Agg)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    ipd.display(ipd.Image(buf.getvalue()))'''
 
 _MARK = re.compile(r"^# %%(?:\s+\[(\w+)\])?(.*)$")
 

@@ -33,7 +33,6 @@ import fcntl
 import functools
 import glob
 import hashlib
-import importlib.util
 import json
 import os
 import resource
@@ -63,10 +62,8 @@ VIT_IMAGE = {"kind": "vit", "variant": "mu/4", "image_size": 32, "stem": "conv",
 
 
 def _load_config_file(path: str, arg: str):
-  spec = importlib.util.spec_from_file_location("cfg_" + os.path.basename(path)[:-3], os.path.join(ROOT, path))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  from vlm_jax import config_lib  # noqa: PLC0415
+  return config_lib.load_file(f"{path}:{arg}", root=ROOT)
 
 
 def config(kind: str, run: dict | None = None, vit_image: dict | None = None):

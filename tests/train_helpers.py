@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,10 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(path: str, arg: str = "tiny"):
-  spec = importlib.util.spec_from_file_location("cfg_" + os.path.basename(path)[:-3], os.path.join(ROOT, path))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  from vlm_jax import config_lib  # noqa: PLC0415
+  return config_lib.load_file(f"{path}:{arg}", root=ROOT)
 
 
 def micro_config(path: str = "configs/pretrain/clip.py", **overrides):

@@ -2,7 +2,8 @@
 
 Config files under `configs/` stay data: they call `base_config()` for the keys every entry point relies on and
 set values. `parse_arg('tiny')` / `parse_arg('img=B/16,txt=B,res=224', variant='tiny')` turns the text after
-the colon into a ConfigDict (the first bare word is the `variant`).
+the colon into a ConfigDict (the first bare word is the `variant`); `load_file('configs/…/x.py:tiny')` reads a
+config file outside the command line (benchmarks, notebooks, tests).
 """
 
 from __future__ import annotations
@@ -13,6 +14,23 @@ import math
 import ml_collections
 
 from vlm_jax.errors import UserError
+
+
+def load_file(spec: str, *, root: str = "") -> ml_collections.ConfigDict:
+  """'configs/pretrain/clip.py:tiny' -> that file's `get_config('tiny')`, as `--config=` reads it (no ':': the
+  file's default argument). A relative path is taken from `root` (default: the working directory)."""
+  import importlib.util  # noqa: PLC0415
+  import os  # noqa: PLC0415
+  path, _, arg = spec.partition(":")
+  if root and not os.path.isabs(path):
+    path = os.path.join(root, path)
+  if not os.path.isfile(path):
+    raise UserError(f"config file {path} not found")
+  name = "vlm_jax_config_" + "".join(c if c.isalnum() else "_" for c in os.path.splitext(path)[0])
+  mod_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def plain(cfg) -> dict:

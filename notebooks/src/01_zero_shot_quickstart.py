@@ -23,35 +23,14 @@ NUM_RETRIEVAL = 64         # gallery size of the retrieval grid
 TEMPLATES = "synthetic"    # a bundled template set ('synthetic', 'clip_imagenet', …), a .txt path or a list
 
 # %%
-import importlib.util
-import io
 import json
 
-import matplotlib.pyplot as plt
-from IPython import display as ipd
 import numpy as np
 
 import vlm_jax.inference
 import vlm_jax.runner
 from vlm_jax import config_lib
 from vlm_jax.data import synthetic_eval
-
-
-def get_config(spec):
-    """'configs/pretrain/clip.py:micro' -> its ConfigDict, as `--config=` reads it."""
-    path, _, arg = spec.partition(":")
-    mod_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(arg or None)
-
-
-def show(fig):
-    """Displays a figure inline as a PNG, whatever pyplot's backend (runs that write PNG plots switch it to Agg)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    ipd.display(ipd.Image(buf.getvalue()))
 
 
 if not MODEL_DIR and os.path.isdir("workdirs/demo"):

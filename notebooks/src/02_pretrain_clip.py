@@ -22,14 +22,12 @@ WORKDIR = "workdirs/notebooks/02_pretrain"
 NUM_HEATMAPS = 4                              # scenes shown with MaskCLIP heat-maps
 
 # %%
-import importlib.util
 import io
 import json
 import shutil
 import threading
 import time
 
-import matplotlib.pyplot as plt
 from IPython import display as ipd
 import numpy as np
 from PIL import Image
@@ -38,23 +36,6 @@ import vlm_jax.inference
 import vlm_jax.runner
 from vlm_jax.data import pipeline, shards, synthetic_shards
 from vlm_jax.evaluate import segmentation as seg_eval, zeroshot
-
-
-def get_config(spec):
-    """'configs/pretrain/clip.py:micro' -> its ConfigDict, as `--config=` reads it."""
-    path, _, arg = spec.partition(":")
-    mod_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(arg or None)
-
-
-def show(fig):
-    """Displays a figure inline as a PNG, whatever pyplot's backend (runs that write PNG plots switch it to Agg)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    ipd.display(ipd.Image(buf.getvalue()))
 
 
 config = get_config(f"configs/pretrain/clip.py:{CONFIG}")

@@ -30,35 +30,14 @@ TEST_PER_CLASS = 16 if ACCELERATOR else 8
 FALLBACK_STEPS = 500                       # the pre-training when no model exists (clip.py:tiny, batch 128)
 
 # %%
-import importlib.util
-import io
 import json
 
-import matplotlib.pyplot as plt
-from IPython import display as ipd
 import numpy as np
 from tqdm.auto import tqdm
 
 import vlm_jax.runner
 from vlm_jax.data import synthetic_shift
 from vlm_jax.transfer.run import transfer
-
-
-def get_config(spec):
-    """'configs/transfer/coop.py:tiny' -> its ConfigDict, as `--config=` reads it."""
-    path, _, arg = spec.partition(":")
-    mod_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(arg or None)
-
-
-def show(fig):
-    """Displays a figure inline as a PNG, whatever pyplot's backend (runs that write PNG plots switch it to Agg)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    ipd.display(ipd.Image(buf.getvalue()))
 
 
 if not MODEL_DIR:

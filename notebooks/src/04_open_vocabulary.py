@@ -25,12 +25,8 @@ NUM_SHOW = 4              # held-out scenes shown
 FALLBACK_STEPS = 500      # the pre-training when no teacher exists (clip.py:tiny, batch 128)
 
 # %%
-import importlib.util
-import io
 import json
 
-import matplotlib.pyplot as plt
-from IPython import display as ipd
 import numpy as np
 
 import vlm_jax.runner
@@ -40,23 +36,6 @@ from vlm_jax.distill import run as distill_run, seg_data, seg_evaluation, segmen
 from vlm_jax.distill import teacher as teacher_lib
 from vlm_jax.evaluate import segmentation as seg
 from vlm_jax.models.segmentation import segmenter
-
-
-def get_config(spec):
-    """'configs/distill/maskclip_plus.py:micro' -> its ConfigDict, as `--config=` reads it."""
-    path, _, arg = spec.partition(":")
-    mod_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(arg or None)
-
-
-def show(fig):
-    """Displays a figure inline as a PNG, whatever pyplot's backend (runs that write PNG plots switch it to Agg)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    ipd.display(ipd.Image(buf.getvalue()))
 
 
 if not TEACHER_DIR:

@@ -26,15 +26,11 @@ LOSS_DIM = 512 if ACCELERATOR else 128          # embedding width in the loss-me
 LOSS_BATCHES = [4096, 8192, 16384, 32768] if ACCELERATOR else [512, 1024, 2048, 4096]
 
 # %%
-import importlib.util
-import io
 import json
 import math
 import time
 
 import jax.numpy as jnp
-import matplotlib.pyplot as plt
-from IPython import display as ipd
 import numpy as np
 from flax import traverse_util
 
@@ -45,23 +41,6 @@ from vlm_jax.train import flops as flops_lib
 from vlm_jax.train.optim import make_optimizer
 from vlm_jax.train.state import create_train_state
 from vlm_jax.train.step import jit_train_step
-
-
-def get_config(spec):
-    """'configs/pretrain/clip.py:micro' -> its ConfigDict, as `--config=` reads it."""
-    path, _, arg = spec.partition(":")
-    mod_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(arg or None)
-
-
-def show(fig):
-    """Displays a figure inline as a PNG, whatever pyplot's backend (runs that write PNG plots switch it to Agg)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    ipd.display(ipd.Image(buf.getvalue()))
 
 
 n_dev = jax.device_count()

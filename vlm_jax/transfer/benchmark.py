@@ -18,11 +18,11 @@ Every method is checked against the dataset's label kind before the first cell r
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import os
 import sys
 
+from vlm_jax import config_lib
 from vlm_jax.errors import UserError, exit_on_user_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -81,10 +81,7 @@ def method_config(opts: dict, method: str, overrides):
   path = os.path.join(opts["config_dir"], f"{method}.py")
   if not os.path.exists(path):
     raise UserError(f"no config {path} for method {method!r}")
-  spec = importlib.util.spec_from_file_location(f"transfer_cfg_{method}", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config(opts["variant"])
+  c = config_lib.load_file(f"{path}:{opts['variant']}")
   c.dataset, c.protocol = opts["dataset"], opts["protocol"]
   for k, v in overrides:
     set_override(c, k, v)

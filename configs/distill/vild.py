@@ -67,10 +67,7 @@ def get_config(arg=None):
   c.log_every_steps = 20
   c.eval_every_steps = 0
   c.checkpoint_every_steps = 200
-  c.optimizer = ml_collections.ConfigDict({
-      "name": "adamw", "lr": 2e-3, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 1e-4,
-      "wd_mask": r"(^|/)kernel$", "clip_norm": 1.0, "schedule": "cosine", "warmup_steps": 50, "end_factor": 0.0,
-      "grad_accum_steps": 1})
+  c.optimizer = cb.optimizer_config(lr=2e-3, b2=0.999, eps=1e-8, weight_decay=1e-4, warmup_steps=50)
   c.objectives = ml_collections.ConfigDict()
   c.evals = ml_collections.ConfigDict({"detection": {"kind": "detection", "num_images": 128,
                                                    "batch_size": 16}})

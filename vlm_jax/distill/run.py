@@ -34,24 +34,11 @@ from vlm_jax.distill import teacher as teacher_lib
 from vlm_jax.distill import teacher_cache, vild
 from vlm_jax.errors import UserError
 
-TEACHER = "teacher"  # placeholder in config.init.sources / config.model.image for the teacher
-
 
 def resolve(config, teacher) -> ml_collections.ConfigDict:
   """A copy of `config` with the teacher placeholders filled in (absolute teacher path, the teacher's image tower
   as `model.image`, its mean/std as the data normalisation): what the run records in config.json."""
-  d = config_lib.plain(config)
-  d["teacher"]["checkpoint"] = teacher.path
-  d["init"]["sources"] = tuple({**s, "checkpoint": teacher.path} if s.get("checkpoint") == TEACHER else s
-                               for s in (config_lib.plain(s) for s in d["init"].get("sources") or ()))
-  if d["model"].get("image") == TEACHER:
-    image = config_lib.plain(teacher.model.config.model.image)
-    if image.get("kind") == "resnet":
-      image["train_batch_stats"] = False  # the detector's batches are small: frozen running statistics
-    d["model"]["image"] = image
-  d["data"]["mean"], d["data"]["std"] = tuple(teacher.mean), tuple(teacher.std)
-  c = ml_collections.ConfigDict(d)
-  return c
+  return ml_collections.ConfigDict(teacher_lib.fill_placeholders(config, teacher))
 
 
 def student_config(config, num_classes: int, embed_dim: int, *, closed_set: bool = False) -> ml_collections.ConfigDict:

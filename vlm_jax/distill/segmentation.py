@@ -45,7 +45,6 @@ from vlm_jax import config_lib
 from vlm_jax.distill import seg_data, teacher_cache
 from vlm_jax.errors import UserError
 
-TEACHER = "teacher"
 METHODS = {  # name -> (where training labels come from, which classes the training softmax covers)
     "maskclip_plus": {"labels": "teacher", "classes": "all"},
     "lseg": {"labels": "ground_truth", "classes": "base"},
@@ -84,18 +83,10 @@ def check(config) -> None:
 def resolve(config, teacher) -> ml_collections.ConfigDict:
   """`config` with the teacher placeholders filled in and the student described whole in `model` (what the run
   records in config.json)."""
-  d = config_lib.plain(config)
-  d["teacher"]["checkpoint"] = teacher.path
-  d["init"]["sources"] = tuple({**s, "checkpoint": teacher.path} if s.get("checkpoint") == TEACHER else s
-                               for s in (config_lib.plain(s) for s in d["init"].get("sources") or ()))
-  if d["model"].get("image") == TEACHER:
-    image = config_lib.plain(teacher.model.config.model.image)
-    if image.get("kind") == "resnet":
-      image["train_batch_stats"] = False  # frozen running statistics
-    d["model"]["image"] = image
+  from vlm_jax.distill.teacher import fill_placeholders  # noqa: PLC0415
+  d = fill_placeholders(config, teacher)
   d["model"]["embed_dim"] = int(teacher.embed_dim)
   d["model"]["temperature"] = float(d["method"]["temperature"])
-  d["data"]["mean"], d["data"]["std"] = tuple(teacher.mean), tuple(teacher.std)
   return ml_collections.ConfigDict(d)
 
 

@@ -129,3 +129,24 @@ def load_teacher(teacher_config) -> Teacher:
   cfg = dict(teacher_config or {})
   return Teacher(str(cfg.get("checkpoint") or ""), batch_size=int(cfg.get("batch_size", 256)),
                  templates=cfg.get("templates", "synthetic"))
+
+
+TEACHER = "teacher"  # placeholder in config.init.sources / config.model.image for the teacher
+
+
+def fill_placeholders(config, teacher: Teacher) -> dict:
+  """`config` as a plain dict with the teacher placeholders filled in: the absolute teacher path (also in the init
+  sources named 'teacher'), the teacher's image tower as `model.image` (a ResNet's BatchNorm frozen: the
+  students' batches are small, running statistics are kept), the teacher's mean / std as the data normalisation."""
+  from vlm_jax import config_lib  # noqa: PLC0415
+  d = config_lib.plain(config)
+  d["teacher"]["checkpoint"] = teacher.path
+  d["init"]["sources"] = tuple({**s, "checkpoint": teacher.path} if s.get("checkpoint") == TEACHER else s
+                               for s in (config_lib.plain(s) for s in d["init"].get("sources") or ()))
+  if d["model"].get("image") == TEACHER:
+    image = config_lib.plain(teacher.model.config.model.image)
+    if image.get("kind") == "resnet":
+      image["train_batch_stats"] = False
+    d["model"]["image"] = image
+  d["data"]["mean"], d["data"]["std"] = tuple(teacher.mean), tuple(teacher.std)
+  return d

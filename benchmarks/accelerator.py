@@ -169,13 +169,22 @@ def data_part(args, dev: dict) -> float:
   """Images/s per CPU core of the grain pipeline on generated JPEG shards at 224 px."""
   import data_throughput as dt  # noqa: PLC0415
   pattern = dt.ensure_test_shards(args.data_images, min(256, args.data_images), None)
+  from vlm_jax.data import clip_bpe  # noqa: PLC0415
+  from vlm_jax.errors import UserError  # noqa: PLC0415
+  try:  # CLIP's BPE (its vocabulary ships with open_clip); else the words tokenizer, which needs no file
+    clip_bpe.find_vocab(None)
+    tokenizer = "clip_bpe"
+  except UserError:
+    tokenizer = "words"
   opts = argparse.Namespace(image_size=224, workers=args.data_workers, shuffle=min(1000, args.data_images),
+                            tokenizer=tokenizer,
                             batch=16 if args.quick else 64, batches=2 if args.quick else 10,
                             repeats=2 if args.quick else 3, warmup=1 if args.quick else 3)
   m = dt.measure("vlm_jax", pattern, opts)
   print(json.dumps({"part": "data", **{k: m[k] for k in ("images_per_sec", "images_per_sec_per_core", "workers",
                                                            "images_per_cpu_s", "batch", "image_size",
-                                                           "cpu_count", "load_avg_1m")}, **dev}), flush=True)
+                                                           "cpu_count", "load_avg_1m")}, "tokenizer": tokenizer,
+                    **dev}), flush=True)
   return float(m["images_per_cpu_s"])
 
 

@@ -154,7 +154,7 @@ def ensure_test_shards(num_images: int, shard_size: int, cache_dir: str | None) 
 
 def vlm_jax_loader(pattern: str, args):
   from vlm_jax.data import pipeline, tokenizers  # noqa: PLC0415
-  tokenizer = tokenizers.get_tokenizer("clip_bpe", context_length=CONTEXT_LENGTH)
+  tokenizer = tokenizers.get_tokenizer(getattr(args, "tokenizer", "clip_bpe"), context_length=CONTEXT_LENGTH)
   data = {"shards": pattern, "image_size": args.image_size, "workers": args.workers,
           "shuffle_buffer": args.shuffle, "cycle_length": 4,
           "augment": {"crop_scale": CROP_SCALE, "crop_ratio": CROP_RATIO, "flip": False}}

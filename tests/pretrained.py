@@ -63,7 +63,7 @@ VIT_IMAGE = {"kind": "vit", "variant": "mu/4", "image_size": 32, "stem": "conv",
 
 def _load_config_file(path: str, arg: str):
   from vlm_jax import config_lib  # noqa: PLC0415
-  return config_lib.load_file(f"{path}:{arg}", root=ROOT)
+  return config_lib.load_file(f"{path}:{arg}" if arg else path, root=ROOT)
 
 
 def config(kind: str, run: dict | None = None, vit_image: dict | None = None):

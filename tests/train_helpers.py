@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_config(path: str, arg: str = "tiny"):
   from vlm_jax import config_lib  # noqa: PLC0415
-  return config_lib.load_file(f"{path}:{arg}", root=ROOT)
+  return config_lib.load_file(f"{path}:{arg}" if arg else path, root=ROOT)
 
 
 def micro_config(path: str = "configs/pretrain/clip.py", **overrides):

@@ -188,7 +188,8 @@ def _torch_load(path: str) -> Any:
     why = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
     raise UserError(f"{path} holds objects other than tensors, which are not unpickled for safety "
                     f"({why[:200]}); {EXPORT_HINT}") from None
-  except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:  # a cut or malformed file
+  except Exception as e:  # noqa: BLE001 - a cut or malformed file: torch's unpickler raises RuntimeError, EOFError,
+    # ValueError, BadZipFile, but on arbitrary bytes also IndexError, KeyError, … (the user's file, not our bug)
     why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
     raise UserError(f"{path} is not a readable torch.save file ({why})") from None
 

@@ -50,18 +50,8 @@ class PLOT(nn.Module):
 
   def text_features(self):
     """L2-normalised g_{n,c} [N, C, E]."""
-    ids, index = self.prompt.arrays()
-    emb = jax.lax.stop_gradient(self.base.text_token_embeddings(ids))
-    ctx = self.ctx
-    if self.init_phrase is not None:
-      phrase = self.base.text_token_embeddings(jnp.asarray([self.init_phrase], jnp.int32))[0]
-      ctx = jax.lax.stop_gradient(phrase.astype(jnp.float32))[None] + ctx
-    prompts = jax.vmap(lambda c: pr.splice(emb, index, c))(ctx)  # [N, C, L, D]
-    n, c = prompts.shape[:2]
-    eot = jnp.tile(self.base.eot_positions(ids), n)
-    z = self.base.encode_text(embeddings=prompts.reshape(n * c, *prompts.shape[2:]), eot_positions=eot,
-                              train=False)
-    return z.reshape(n, c, -1)
+    ctx = pr.context_value(self.base, self.ctx, self.init_phrase)  # the phrase (if any) added to every set
+    return pr.encode_prompt_sets(self.base, self.prompt, ctx)
 
   def ot_distance(self, images):
     """d_OT [B, C] between each image's local features and each class's N prompts."""

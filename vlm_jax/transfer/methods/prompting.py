@@ -58,6 +58,18 @@ def encode_prompts(base: nn.Module, token_emb: jax.Array, ctx_index: jax.Array, 
   return base.encode_text(embeddings=splice(token_emb, ctx_index, ctx), eot_positions=eot, train=False)
 
 
+def encode_prompt_sets(base: nn.Module, prompt: "PromptText", ctx: jax.Array) -> jax.Array:
+  """L2-normalised text features [N, C, E] of N context sets `ctx` [N, M, D], each spliced into every class's
+  prompt (PLOT's N prompts per class, UPL's prompt ensemble): one frozen text-tower pass over the N·C prompts."""
+  ids, index = prompt.arrays()
+  emb = jax.lax.stop_gradient(base.text_token_embeddings(ids))
+  prompts = jax.vmap(lambda c: splice(emb, index, c))(ctx)  # [N, C, L, D]
+  n, c = prompts.shape[:2]
+  z = base.encode_text(embeddings=prompts.reshape(n * c, *prompts.shape[2:]),
+                       eot_positions=jnp.tile(base.eot_positions(ids), n), train=False)
+  return z.reshape(n, c, -1)
+
+
 @dataclasses.dataclass(frozen=True)
 class HandCrafted:
   """The hand-crafted prompts of C classes (templates filled, plus CuPL descriptions), flat: ids [P][L] and the

@@ -53,14 +53,8 @@ class UPL(nn.Module):
 
   def text_features(self):
     """L2-normalised g(t^n_c) [N, C, E]."""
-    ids, index = self.prompt.arrays()
-    emb = jax.lax.stop_gradient(self.base.text_token_embeddings(ids))
     ctx = pr.context_value(self.base, self.ctx, self.init_phrase)  # the phrase (if any) added to every set
-    prompts = jax.vmap(lambda c: pr.splice(emb, index, c))(ctx)  # [N, C, L, D]
-    n, c = prompts.shape[:2]
-    z = self.base.encode_text(embeddings=prompts.reshape(n * c, *prompts.shape[2:]),
-                              eot_positions=jnp.tile(self.base.eot_positions(ids), n), train=False)
-    return z.reshape(n, c, -1)
+    return pr.encode_prompt_sets(self.base, self.prompt, ctx)
 
   def logits_per_prompt(self, images):
     """[N, B, C] = exp(log τ⁻¹) · cos(f(x), g(t^n_c))."""

@@ -17,6 +17,8 @@ Methods (`method.name`):
                  intermediate activations, one binary mask per (image, class query), trained on base-class queries
                  with the per-pixel binary cross-entropy (`distill.clipseg`, `models.segmentation.clipseg`), tested
                  on every class (novel ones by name).
+  multi_teacher  MaskCLIP+ from several frozen teachers at once (`distill.multi_teacher`): one student, a projection
+                 head per teacher, Σ_k w_k(x) · CE(ℓ_k(x), ŷ_k(x)) with fixed or per-pixel confidence weights.
   closed_set     the baseline (`baselines`): the same segmenter with a learned linear classifier over background +
                  base classes; it cannot name a novel class, so its novel mIoU is 0 by construction.
 
@@ -49,6 +51,7 @@ METHODS = {  # name -> (where training labels come from, which classes the train
     "maskclip_plus": {"labels": "teacher", "classes": "all"},
     "lseg": {"labels": "ground_truth", "classes": "base"},
     "clipseg": {"labels": "ground_truth", "classes": "base", "model": "clipseg"},
+    "multi_teacher": {"labels": "teacher", "classes": "all", "model": "multi_teacher"},  # distill.multi_teacher
 }
 BASELINES = ("closed_set",)
 
@@ -76,6 +79,9 @@ def check(config) -> None:
   if METHODS[name].get("model") == "clipseg":
     from vlm_jax.distill import clipseg  # noqa: PLC0415
     clipseg.check(config)
+  if METHODS[name].get("model") == "multi_teacher":
+    from vlm_jax.distill import multi_teacher  # noqa: PLC0415
+    multi_teacher.check(config)
   if int(config.data.image_size) % 32:
     raise UserError(f"data.image_size must be a multiple of 32 (the backbone's stride), got {config.data.image_size}")
 
@@ -95,15 +101,13 @@ def refine_settings(config) -> dict:
   return {"pd_thresh": float(m.pd_thresh), "key_smoothing": bool(m.key_smoothing), "ks_thresh": float(m.ks_thresh)}
 
 
-def teacher_pseudo_labels(config, teacher, source, class_emb: np.ndarray) -> np.ndarray:
-  """uint8 [N, S, S] MaskCLIP+ pseudo-labels (0 = background, class id + 1) of the training images, from the
-  on-disk caches (dense embeddings + keys, then labels), computed on a miss. Reads images only."""
+def teacher_dense(config, teacher, source, class_emb: np.ndarray) -> tuple[dict, float, dict]:
+  """The teacher's MaskCLIP stage on the training images: ({'dense' [N, h, w, E], 'keys' when key smoothing} from
+  the on-disk cache, the background threshold δ, the cache settings' common part). Reads images only."""
   from vlm_jax.distill import pseudo_labels as pl  # noqa: PLC0415
   from vlm_jax.evaluate import segmentation as seg  # noqa: PLC0415
-  from vlm_jax.distill.seg_evaluation import to_vocab  # noqa: PLC0415
-  m, n, s = config.method, len(source), int(config.data.image_size)
-  test = np.nonzero(source.test_mask)[0]
-  emb = class_emb[test]
+  m, n = config.method, len(source)
+  emb = class_emb[np.nonzero(source.test_mask)[0]]
   refine = refine_settings(config)
   root, chunk = config.teacher_cache.dir, int(config.teacher_cache.chunk)
   base = {"teacher": teacher.fingerprint, "data": seg_data.settings(config.data), "dense_size": int(m.dense_size)}
@@ -117,6 +121,20 @@ def teacher_pseudo_labels(config, teacher, source, class_emb: np.ndarray) -> np.
   stage1 = teacher_cache.TeacherCache(root, {**base, "what": "maskclip_dense", "keys": refine["key_smoothing"]}, n,
                                       dense, chunk=chunk).load(progress=True)
   delta = seg.otsu_threshold(seg.objectness(stage1["dense"], emb)) if m.threshold == "otsu" else float(m.threshold)
+  return stage1, delta, base
+
+
+def teacher_pseudo_labels(config, teacher, source, class_emb: np.ndarray) -> np.ndarray:
+  """uint8 [N, S, S] MaskCLIP+ pseudo-labels (0 = background, class id + 1) of the training images, from the
+  on-disk caches (dense embeddings + keys, then labels), computed on a miss. Reads images only."""
+  from vlm_jax.distill import pseudo_labels as pl  # noqa: PLC0415
+  from vlm_jax.distill.seg_evaluation import to_vocab  # noqa: PLC0415
+  n, s = len(source), int(config.data.image_size)
+  test = np.nonzero(source.test_mask)[0]
+  emb = class_emb[test]
+  refine = refine_settings(config)
+  root, chunk = config.teacher_cache.dir, int(config.teacher_cache.chunk)
+  stage1, delta, base = teacher_dense(config, teacher, source, class_emb)
 
   def labels(idx):
     keys = stage1["keys"][idx] if refine["key_smoothing"] else None
@@ -191,6 +209,9 @@ def distill(config, workdir: str, *, quiet: bool = False) -> dict:
   from vlm_jax.distill import seg_evaluation  # noqa: PLC0415
   from vlm_jax.distill import teacher as teacher_lib  # noqa: PLC0415
   check(config)
+  if METHODS[config.method.name].get("model") == "multi_teacher":  # several teachers: its own run
+    from vlm_jax.distill import multi_teacher  # noqa: PLC0415
+    return multi_teacher.distill(config, workdir, quiet=quiet)
   teacher = teacher_lib.load_teacher(config.teacher)
   config = resolve(config, teacher)
   train_src = seg_data.make_source(config.data, "train")

@@ -24,6 +24,14 @@ def get_config(arg=None):
                                        "mlp_dim": 128, "threshold": 0.5})
   c.method.key_smoothing = False  # the MaskCLIP reference numbers (teacher/…): key smoothing needs a ResNet teacher
   c.method.queries = 4  # base-class queries per training image (present ones first, then absent negatives)
+  # the decoder's conditional vector in training (§3): 'text' (class name), 'visual' (image embedding of a support
+  # example's visual prompt) or 'mixed' (a·visual + (1 − a)·text, a ~ U(0, 1), the paper's interpolation)
+  c.method.conditioning = "text"
+  # visual prompt engineering (their best: background at 10 % intensity and blurred, crop to the object + 10 %
+  # context); up to `supports` examples per base class for training, found among `scan` training images where the
+  # class covers >= min_pixels; evaluate: also report visual/segmentation/… (one support example per test class)
+  c.method.visual_prompt = ml_collections.ConfigDict({"background": 0.1, "blur": 1.0, "context": 0.1, "supports": 8,
+                                                      "scan": 512, "min_pixels": 16, "evaluate": True})
   if a.variant == "tiny":
     c.total_steps = 300  # the decoder is light: ~15 min on 2 idle cores with the evaluation
   c.evals.segmentation.batch_size = 4  # every image is decoded once per class: keep the evaluation batch small

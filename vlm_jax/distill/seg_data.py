@@ -48,11 +48,14 @@ class SyntheticSegmentation:
 
 
 def make_source(data_config, view: str) -> SyntheticSegmentation:
-  """The training ('train' view, split 'train') or evaluation ('eval' view, `data.eval_split`) source."""
+  """The training ('train' view, split 'train'), evaluation ('eval' view, `data.eval_split`) or support source
+  ('support': the training images with every object labelled, where CLIPSeg's visual prompts come from)."""
   d = dict(data_config)
-  split = "train" if view == "train" else d.get("eval_split", "val")
+  split = "train" if view in ("train", "support") else d.get("eval_split", "val")
+  train_split = view in ("train", "support")
+  view = "eval" if view == "support" else view
   return SyntheticSegmentation(split, view, seed=int(d.get("seed", 0)), image_size=int(d["image_size"]),
-                               num_images=int(d["num_train"] if view == "train" else d["num_eval"]),
+                               num_images=int(d["num_train"] if train_split else d["num_eval"]),
                                objects=tuple(d.get("objects", (2, 4))), p_novel=float(d.get("p_novel", 0.35)))
 
 

@@ -180,9 +180,13 @@ def train_one(config, workdir: str, *, teacher_out: dict, train_src, eval_src, e
     y = labels[i] if labels is not None else train_src.mask(i)
     return {"image": transforms.normalize(train_src.image(i), mean, std), "labels": np.asarray(y, np.int32)}
 
-  if clipseg:  # K base-class queries per image with their binary masks
+  prompts = teacher_out.get("prompts") or {}
+  if clipseg:  # K base-class queries per image with their binary masks (and conditional vectors: text / visual)
+    cond = clipseg_lib.conditions_fn(config.method.get("conditioning", "text"), class_emb, prompts.get("train"),
+                                     int(config.seed))
     make_row = clipseg_lib.with_queries(make_row, np.nonzero(base_mask)[0], int(config.method.queries),
-                                        int(config.seed))
+                                        int(config.seed), conditions=cond,
+                                        ignore=bool(getattr(train_src, "has_ignore", False)))
 
   def make_data(process_index: int, process_count: int):
     return seg_data.train_iterator(len(train_src), make_row, global_batch_size=int(config.batch_size),
@@ -198,10 +202,15 @@ def train_one(config, workdir: str, *, teacher_out: dict, train_src, eval_src, e
                                             batch_size=int(ev.get("batch_size", 32)),
                                             plot_dir=os.path.join(workdir, "plots") if ev.get("plots", True) else None,
                                             teacher_pred=teacher_out.get("pred"), title=config.name)
+  evaluators = {"segmentation": evaluator}
+  if clipseg and "eval" in prompts:  # the same decoder prompted with one visual example per class
+    plain = seg_evaluation.make_evaluator(model, eval_src, eval_data, mean=mean, std=std,
+                                          batch_size=int(ev.get("batch_size", 32)))
+    evaluators["visual"] = clipseg_lib.visual_evaluator(plain, prompts["eval"])
   init_fn = _compose(runs.initializer(config.get("init")), constants)
   return loop.train(config, workdir, make_data=make_data, model=model,
                     loss_fn=clipseg_lib.binary_mask_loss if clipseg else pixel_cross_entropy,
-                    evaluators={"segmentation": evaluator}, init_fn=init_fn, quiet=quiet)
+                    evaluators=evaluators, init_fn=init_fn, quiet=quiet)
 
 
 def distill(config, workdir: str, *, quiet: bool = False) -> dict:
@@ -224,6 +233,12 @@ def distill(config, workdir: str, *, quiet: bool = False) -> dict:
                                                 refine=refine_settings(config))
   common = dict(teacher_out={"pred": pred}, train_src=train_src, eval_src=eval_src, eval_data=eval_data,
                 class_emb=class_emb, quiet=quiet)
+  if METHODS[config.method.name].get("model") == "clipseg":  # CLIPSeg's visual prompts (support examples)
+    from vlm_jax.distill import clipseg as clipseg_lib  # noqa: PLC0415
+    test = np.asarray(train_src.test_mask, bool)
+    common["teacher_out"]["prompts"] = clipseg_lib.prompt_banks(
+        config, teacher, seg_data.make_source(config.data, "support"),
+        np.nonzero(test & ~np.asarray(train_src.novel, bool))[0], np.nonzero(test)[0])
   for name in config.get("baselines") or ():
     c = ml_collections.ConfigDict(config_lib.plain(config))
     c.name = name

@@ -8,7 +8,9 @@ binary mask per (image, query).
     m(x, q) = ConvTranspose_{p×p, stride p}(grid(x_last)) ∈ R^{H×W}     (p: the ViT's patch size; a mask logit)
 
 q is a text embedding t_c of the class name in the teacher's joint space (the 'constants' class embeddings) — the
-paper's text prompts; a visual prompt embedding would be the same vector in that space. The ViT runs once per
+paper's text prompts — or any other conditional vector in that space given per query as batch['conditions']
+[B, K, E]: the teacher's image embedding of a visual prompt, or an interpolation a·v + (1 − a)·t_c (§3;
+`vlm_jax.distill.visual_prompts`). Without 'conditions' the class ids of batch['queries'] pick the text embeddings. The ViT runs once per
 image; its activations are broadcast over the image's queries, so a query's mask depends only on (image, query)
 — never on the other rows or queries of the batch (tested).
 
@@ -110,6 +112,8 @@ class CLIPSeg(nn.Module):
 
   def __call__(self, batch: Mapping, *, train: bool = False) -> dict:
     acts, grid = self.activations(batch["image"], train=train)
+    if "conditions" in batch:  # conditional vectors given per query (visual prompts, interpolations)
+      return {"mask_logits": self.masks(acts, grid, batch["conditions"])}
     return {"mask_logits": self.masks(acts, grid, self.query_embeddings(batch["queries"].astype(jnp.int32)))}
 
   def segment(self, images: jax.Array) -> jax.Array:

@@ -37,6 +37,20 @@ CLASSIFIERS = ("text", "closed_set")
 NEG = -1e9
 
 
+def text_logits(emb: jax.Array, class_emb: jax.Array, background: jax.Array, temperature: float) -> jax.Array:
+  """Eq. (1): [cos(f(x), t_bg), cos(f(x), t_c)] / τ of embeddings [..., E], class embeddings [C, E], t_bg [E]."""
+  f = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True).clip(1e-6)
+  t = class_emb / jnp.linalg.norm(class_emb, axis=-1, keepdims=True).clip(1e-6)
+  bg = background / jnp.linalg.norm(background).clip(1e-6)
+  return jnp.concatenate([f @ bg[:, None], f @ t.T], axis=-1) / temperature
+
+
+def masked(logits: jax.Array, mask: jax.Array) -> jax.Array:
+  """Label logits [..., 1 + C] with the classes outside `mask` [C] at −1e9 (background always kept)."""
+  keep = jnp.concatenate([jnp.ones((1,), bool), mask])
+  return jnp.where(keep, logits, NEG)
+
+
 class SemanticFPNHead(nn.Module):
   """Kirillov et al. 2019's semantic branch, simplified (one conv per level): maps [P2, …] → [B, h2, w2, out]."""
   channels: int = 64
@@ -95,15 +109,10 @@ class DenseSegmenter(nn.Module):
   def logits(self, emb: jax.Array, mask: jax.Array) -> jax.Array:
     """[..., 1 + C] label logits of embeddings [..., E]; classes outside `mask` get −1e9 (module docstring)."""
     if self.classifier == "text":
-      f = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True).clip(1e-6)
-      t = self.class_embeddings.value
-      t = t / jnp.linalg.norm(t, axis=-1, keepdims=True).clip(1e-6)
-      bg = self.background / jnp.linalg.norm(self.background).clip(1e-6)
-      out = jnp.concatenate([f @ bg[:, None], f @ t.T], axis=-1) / self.temperature
+      out = text_logits(emb, self.class_embeddings.value, self.background, self.temperature)
     else:
       out = self.cls_score(emb)
-    keep = jnp.concatenate([jnp.ones((1,), bool), mask])
-    return jnp.where(keep, out, NEG)
+    return masked(out, mask)
 
   def __call__(self, batch: Mapping, *, train: bool = False) -> dict:
     emb = self.embed(batch["image"], train=train)

@@ -371,6 +371,10 @@ def segmentation_distill_config(method: str, variant: str, teacher: str) -> ml_c
   c.baselines = ("closed_set",) if method == "lseg" else ()
   c.data = ml_collections.ConfigDict({"image_size": 64, "num_train": 1024, "num_eval": 128, "seed": 0,
                                       "objects": (2, 4), "p_novel": 0.35, "eval_split": "val"})
+  # real data instead of the scenes (vlm_jax.distill.seg_folder): masks 'IMAGES:LABELS:CLASSES' (PNG label maps,
+  # value i = class i, 255 = ignore), eval_masks (same form; empty: the last num_eval maps are held out),
+  # novel_classes: comma-separated names or a count (empty: a seeded quarter of the classes)
+  c.data.masks, c.data.eval_masks, c.data.novel_classes = "", "", ""
   # the student (vlm_jax.models.segmentation.segmenter.build); image 'teacher': the teacher's image tower
   c.model = ml_collections.ConfigDict({"image": "teacher", "pyramid_channels": 64, "head_channels": 64})
   c.init.sources = ({"checkpoint": "teacher", "params": r"^backbone/", "rename": {r"^backbone/": "img/"},

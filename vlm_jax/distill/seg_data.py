@@ -9,6 +9,9 @@ label maps are read separately, so a method that must not see annotations provab
             are present in the pixels and labelled background, as in the detection scenes); 'eval' view: every
             object (base and novel), what the base / novel mIoU are computed on.
 
+Real data: `--config.data.masks=IMAGES:LABELS:CLASSES` replaces the scenes by an image folder + PNG label maps +
+class list (`seg_folder`: COCO-Stuff / PASCAL-Context layouts, base / novel split, ignored pixels −1).
+
 `train_iterator` (as detection's `distill.data.train_iterator`, over row indices) batches rows with grain;
 its iterator state is checkpointed, so resume is exact.
 """
@@ -16,6 +19,8 @@ its iterator state is checkpointed, so resume is exact.
 from __future__ import annotations
 
 import numpy as np
+
+from vlm_jax.errors import UserError
 
 
 class SyntheticSegmentation:
@@ -47,10 +52,14 @@ class SyntheticSegmentation:
     return np.stack([self.mask(i) for i in idx])
 
 
-def make_source(data_config, view: str) -> SyntheticSegmentation:
+def make_source(data_config, view: str):
   """The training ('train' view, split 'train'), evaluation ('eval' view, `data.eval_split`) or support source
-  ('support': the training images with every object labelled, where CLIPSeg's visual prompts come from)."""
+  ('support': the training images with every object labelled, where CLIPSeg's visual prompts come from); with
+  `data.masks` the image + label-map folder of `seg_folder` instead of the synthetic scenes."""
   d = dict(data_config)
+  if d.get("masks"):
+    from vlm_jax.distill import seg_folder  # noqa: PLC0415
+    return seg_folder.make_source(d, view)
   split = "train" if view in ("train", "support") else d.get("eval_split", "val")
   train_split = view in ("train", "support")
   view = "eval" if view == "support" else view
@@ -60,9 +69,25 @@ def make_source(data_config, view: str) -> SyntheticSegmentation:
 
 
 def settings(data_config) -> dict:
-  """The data settings that decide cached teacher outputs (the cache key's data part)."""
-  return {k: v for k, v in dict(data_config).items() if k in ("image_size", "num_train", "seed", "objects",
-                                                               "p_novel")}
+  """The data settings that decide cached teacher outputs (the cache key's data part; the folder keys only when
+  `data.masks` is set, so the synthetic scenes' keys are unchanged)."""
+  d = dict(data_config)
+  keys = ("image_size", "num_train", "seed", "objects", "p_novel")
+  if d.get("masks"):
+    keys += ("masks", "eval_masks", "num_eval", "novel_classes")
+  return {k: v for k, v in d.items() if k in keys}
+
+
+def check(data_config) -> None:
+  """Preflight of the data part: a `data.masks` / `data.eval_masks` spec names existing folders and a class list."""
+  d = dict(data_config)
+  if d.get("masks"):
+    from vlm_jax.distill import seg_folder  # noqa: PLC0415
+    seg_folder.parse(d["masks"])
+    if d.get("eval_masks"):
+      seg_folder.parse(d["eval_masks"], "data.eval_masks")
+  elif d.get("eval_masks"):
+    raise UserError("data.eval_masks needs data.masks (the training folder)")
 
 
 class _Rows:
@@ -83,8 +108,6 @@ def train_iterator(num_images: int, make_row, *, global_batch_size: int, seed: i
   """grain iterator over rows `make_row(i)` of images 0..num_images−1 (this process's share), every image once per
   epoch in a seeded random order, batched; `get_state()` / `set_state()` resume exactly."""
   import grain  # noqa: PLC0415
-
-  from vlm_jax.errors import UserError  # noqa: PLC0415
   if global_batch_size % process_count:
     raise UserError(f"batch_size={global_batch_size} is not divisible by the {process_count} processes")
   per_process = global_batch_size // process_count

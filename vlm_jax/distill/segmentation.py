@@ -82,6 +82,7 @@ def check(config) -> None:
   if METHODS[name].get("model") == "multi_teacher":
     from vlm_jax.distill import multi_teacher  # noqa: PLC0415
     multi_teacher.check(config)
+  seg_data.check(config.data)  # a data.masks folder spec names existing folders and a class list
   if int(config.data.image_size) % 32:
     raise UserError(f"data.image_size must be a multiple of 32 (the backbone's stride), got {config.data.image_size}")
 

@@ -131,3 +131,46 @@ def test_mixed_micro_run_writes_text_and_visual_metrics(tmp_path, pretrained_vit
   print({k: round(v, 4) for k, v in m.items() if k.endswith(("miou_base", "miou_novel", "hiou"))})
   with open(os.path.join(tmp_path, "run", "config.json")) as f:
     assert json.load(f)["method"]["conditioning"] == "mixed"
+
+
+def test_support_examples_are_seeded_and_cover_the_class():
+  """Support examples: images where the class covers >= min_pixels, drawn without replacement by the seed (the
+  same draw every time, another one for another seed or stream); none qualifying: −1 (text fallback)."""
+  from vlm_jax.distill import seg_data
+  from vlm_jax.distill import visual_prompts as vp
+  src = seg_data.make_source({"image_size": 64, "num_train": 24, "num_eval": 4, "seed": 0}, "support")
+  idx = np.arange(len(src))
+  areas = vp.class_areas(src, idx, len(src.names))
+  np.testing.assert_array_equal(areas[5], np.bincount(src.mask(5).ravel(), minlength=66)[1:65])
+  classes = np.nonzero(src.test_mask)[0]
+  a = vp.select(areas, idx, classes, 2, min_pixels=16, seed=0, stream=2)
+  np.testing.assert_array_equal(a, vp.select(areas, idx, classes, 2, min_pixels=16, seed=0, stream=2))
+  assert not np.array_equal(a, vp.select(areas, idx, classes, 2, min_pixels=16, seed=1, stream=2))
+  for j, c in enumerate(classes):
+    for i in a[j]:
+      assert i == -1 or areas[i, c] >= 16
+    assert (a[j] >= 0).sum() == min(2, int((areas[:, c] >= 16).sum()))
+  none = vp.select(areas, idx, classes, 1, min_pixels=10 ** 6, seed=0, stream=2)
+  assert np.all(none == -1)
+
+
+def test_conditioning_mistakes_are_user_errors(tmp_path):
+  import pytest
+
+  from vlm_jax import preflight
+  from vlm_jax.errors import UserError
+  flags = {"workdir": str(tmp_path / "run")}
+  for key, value, match in (("conditioning", "both", "conditioning must be one of"),
+                            ("visual_prompt.background", 2.0, "background"),
+                            ("visual_prompt.blur", -1.0, "blur"), ("visual_prompt.supports", 0, "supports")):
+    c = th.load_config("configs/distill/clipseg.py", "micro")
+    node, *rest = key.split(".")
+    if rest:
+      c.method[node][rest[0]] = value
+    else:
+      c.method[node] = value
+    with pytest.raises(UserError, match=match):
+      preflight.distill(c, flags)
+  c = th.load_config("configs/distill/clipseg.py", "micro")
+  c.method.conditioning = "mixed"
+  preflight.distill(c, flags)

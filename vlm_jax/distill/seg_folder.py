@@ -25,10 +25,10 @@ Layouts (nothing is downloaded; point the three paths at an existing copy):
       (val2017) — PNGs of 0-based ids over the 171 used thing + stuff classes (the 182-id list with its 11 unused
       thing ids removed, as the stuffthingmaps release renumbers them), 255 = unlabelled; CLASSES: the 171 names in
       id order. Evaluate on val2017 with `data.eval_masks=images/val2017:stuffthingmaps/val2017:CLASSES`.
-  PASCAL-Context (Mottaghi et al. 2014), the 59-class setting: IMAGES = JPEGImages, LABELS = the 59-class label
-      PNGs (as mmsegmentation's conversion writes them: 0 = background/other → write them with 255 for ignore and
-      class i − 1 for the 59 classes, i.e. 0-based ids), CLASSES: the 59 names; evaluate on the val list's images
-      (a second folder, `data.eval_masks`).
+  PASCAL-Context (Mottaghi et al. 2014), the 59-class setting: IMAGES = JPEGImages, LABELS = 59-class label PNGs
+      with 0-based ids and 255 for "background / other" (mmsegmentation's converted maps hold 0 = background and
+      1..59: subtract one and map 0 to 255), CLASSES: the 59 names in id order; evaluate on the val images (a second
+      folder pair, `data.eval_masks`). Keeping background as a class instead: list it first and map 0..59 as is.
 """
 
 from __future__ import annotations

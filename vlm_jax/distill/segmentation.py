@@ -16,7 +16,9 @@ Methods (`method.name`):
   clipseg        CLIPSeg (Lüddecke & Ecker 2022): a FiLM-conditioned transformer decoder over the frozen ViT's
                  intermediate activations, one binary mask per (image, class query), trained on base-class queries
                  with the per-pixel binary cross-entropy (`distill.clipseg`, `models.segmentation.clipseg`), tested
-                 on every class (novel ones by name).
+                 on every class (novel ones by name); `method.conditioning` 'text' | 'visual' | 'mixed' conditions
+                 on text embeddings, visual prompt embeddings or their interpolation (`distill.visual_prompts`), and
+                 one visual prompt per class gives `visual/segmentation/…` beside the text-prompt numbers.
   multi_teacher  MaskCLIP+ from several frozen teachers at once (`distill.multi_teacher`): one student, a projection
                  head per teacher, Σ_k w_k(x) · CE(ℓ_k(x), ŷ_k(x)) with fixed or per-pixel confidence weights.
   closed_set     the baseline (`baselines`): the same segmenter with a learned linear classifier over background +

@@ -51,7 +51,8 @@ def test_film_visual_condition_equals_itself_across_batch_layouts():
   batched = apply(variables, {"image": images, "queries": q, "conditions": v[[[0, 1], [3, 2], [2, 0]]]})
   moved = apply(variables, {"image": images[[1, 2, 0]], "queries": q, "conditions": v[[[2, 3], [1, 0], [0, 1]]]})
   diff = float(np.abs(np.asarray(batched[1, 1]) - alone).max())
-  print(f"visual condition: max |alone − in batch| = {diff:.3g}; logits {float(alone.min()):.3f}..{float(alone.max()):.3f}")
+  print(f"visual condition: max |alone − in batch| = {diff:.3g}; "
+        f"logits {float(alone.min()):.3f}..{float(alone.max()):.3f}")
   np.testing.assert_array_equal(np.asarray(moved[0, 0]), np.asarray(batched[1, 1]))
   np.testing.assert_allclose(np.asarray(batched[1, 1]), np.asarray(alone), rtol=0, atol=1e-5)
   assert not np.allclose(np.asarray(batched[1, 0]), np.asarray(alone))  # another prompt, another mask

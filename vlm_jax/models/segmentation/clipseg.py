@@ -10,8 +10,8 @@ binary mask per (image, query).
 q is a text embedding t_c of the class name in the teacher's joint space (the 'constants' class embeddings) — the
 paper's text prompts — or any other conditional vector in that space given per query as batch['conditions']
 [B, K, E]: the teacher's image embedding of a visual prompt, or an interpolation a·v + (1 − a)·t_c (§3;
-`vlm_jax.distill.visual_prompts`). Without 'conditions' the class ids of batch['queries'] pick the text embeddings. The ViT runs once per
-image; its activations are broadcast over the image's queries, so a query's mask depends only on (image, query)
+`vlm_jax.distill.visual_prompts`). Without 'conditions' the class ids of batch['queries'] pick the text embeddings.
+The ViT runs once per image; its activations are broadcast over the image's queries, so a query's mask depends only on (image, query)
 — never on the other rows or queries of the batch (tested).
 
 `__call__(batch)` with batch['image'] [B, H, W, 3] and batch['queries'] int [B, K] (class ids) →

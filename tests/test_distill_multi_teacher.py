@@ -20,15 +20,7 @@ SMALL = {"total_steps": 6, "checkpoint_every_steps": 6, "log_every_steps": 1, "d
 
 
 def _micro(method: str, cache: str, **overrides):
-  c = th.load_config(f"configs/distill/{method}.py", "micro")
-  c.teacher_cache.dir = cache
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
+  return th.micro_config(f"configs/distill/{method}.py", **{"teacher_cache.dir": cache, **overrides})
 
 
 def _losses(workdir: str) -> list[tuple[int, float]]:

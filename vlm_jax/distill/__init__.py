@@ -21,6 +21,8 @@ Part 2, open-vocabulary segmentation (configs/distill/maskclip_plus.py, lseg.py;
               optional self-training rounds                                                 `maskclip_plus`
   LSeg        (Li et al. 2022) per-pixel embeddings, softmax over the base classes' text embeddings / τ  `lseg`
   closed set  a linear head over background + base classes (novel mIoU 0 by construction)
+  multi-teacher  MaskCLIP+ from several frozen teachers (configs/distill/multi_teacher.py, multi_teacher.py): a
+              projection head per teacher, Σ_k w_k(x) CE(ℓ_k, ŷ_k), fixed or per-pixel confidence weights  `multi_teacher`
 Modules: segmentation.py (the run), pseudo_labels.py (MaskCLIP pseudo-labels, cached), seg_data.py (scenes as images
 + label maps), seg_loss.py (pixel cross-entropy), seg_evaluation.py (base / novel / harmonic mIoU of student,
 teacher and broadcast baseline, overlays); the student: `vlm_jax.models.segmentation.segmenter`.

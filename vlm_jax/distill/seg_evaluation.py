@@ -112,7 +112,8 @@ def make_evaluator(model, source, data: dict, *, mean, std, batch_size: int = 32
     m = scores(seg.confusion_matrix(gt, pred, k), source.novel, source.test_mask)
     if plot_dir and jax.process_index() == 0:
       names = ["background"] + [f"{n}{'*' if nv else ''}" for n, nv in zip(source.names, source.novel)]
-      seg.write_overlays(os.path.join(plot_dir, "segmentation_overlays.png"), data["image_uint8"], gt, pred, names,
+      seg.write_overlays(os.path.join(plot_dir, "segmentation_overlays.png"), data["image_uint8"],
+                         np.maximum(gt, 0), pred, names,  # ignored pixels (−1, a mask folder's 255): unlabelled
                          baseline=teacher_pred,
                          title=f"{title}: mIoU base {100 * m['miou_base']:.1f} | novel (*) "
                                f"{100 * m['miou_novel']:.1f} | hIoU {100 * m['hiou']:.1f} (last column: teacher)")

@@ -93,11 +93,13 @@ def _vlm_jax_step(config, batch_size: int):
     if {k: v.shape for k, v in rows().items()} == {k: v.shape for k, v in host.items()}:
       with_data = lambda n: run(n, lambda: loop.global_batch(rows(), mesh))  # noqa: E731
   run(1)  # warm-up
+  run.hlo_text = compiled.as_text  # for the op-level breakdown (benchmarks/cpu_step_profile.py)
   return run, model_flops, host, with_data
 
 
 def _open_clip_step(config, host):
-  """run(n) -> seconds for n open_clip training steps on `host` (the same arrays, NCHW)."""
+  """run(n) -> seconds for n open_clip training steps on `host` (the same arrays, NCHW); `run.step()` is one
+  step."""
   import numpy as np
   import open_clip
   import torch
@@ -115,16 +117,21 @@ def _open_clip_step(config, host):
   images = torch.from_numpy(np.ascontiguousarray(host["image"].transpose(0, 3, 1, 2)))
   text = torch.from_numpy(host["text"].astype(np.int64))
 
+  def step():
+    opt.zero_grad(set_to_none=True)
+    img_f, txt_f, scale = model(images, text)
+    loss = loss_fn(img_f, txt_f, scale)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg_opt.clip_norm)
+    opt.step()
+
   def run(n):
     t = time.perf_counter()
     for _ in range(n):
-      opt.zero_grad(set_to_none=True)
-      img_f, txt_f, scale = model(images, text)
-      loss = loss_fn(img_f, txt_f, scale)
-      loss.backward()
-      torch.nn.utils.clip_grad_norm_(model.parameters(), cfg_opt.clip_norm)
-      opt.step()
+      step()
     return time.perf_counter() - t
+
+  run.step = step
 
   run(1)  # warm-up
   return run

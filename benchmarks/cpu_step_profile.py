@@ -112,11 +112,14 @@ def main(argv=None) -> None:
   ap.add_argument("--steps", type=int, default=5, help="profiled steps per system")
   ap.add_argument("--top", type=int, default=15, help="costliest operations listed per system")
   ap.add_argument("--no-open-clip", action="store_true")
+  ap.add_argument("--scan", choices=("", "true", "false"), default="", help="model.scan override")
   args = ap.parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import train_throughput  # noqa: PLC0415
   config = train_throughput._load(args.config)  # noqa: SLF001
   config.model.dtype, config.model.remat = "float32", "none"  # as train_throughput --compare-open-clip
+  if args.scan:
+    config.model.scan = args.scan == "true"
   batch = args.batch or int(config.batch_size)
   config.batch_size = batch
   run, _, host, _ = train_throughput._vlm_jax_step(config, batch)  # noqa: SLF001

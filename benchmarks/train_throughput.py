@@ -38,6 +38,10 @@ def _parse(argv):
   ap.add_argument("--compare-open-clip", action="store_true")
   ap.add_argument("--dtype", default="", help="model.dtype override (default with --compare-open-clip: float32)")
   ap.add_argument("--remat", default="", help="model.remat override (default with --compare-open-clip: none)")
+  ap.add_argument("--scan", choices=("", "true", "false"), default="",
+                  help="model.scan override: the layer stack as one scanned block (compile time on TPU) or "
+                       "unrolled (XLA:CPU runs the unrolled stack faster: no per-layer slicing of the stacked "
+                       "weights and residuals)")
   return ap.parse_args(argv)
 
 
@@ -148,6 +152,8 @@ def main(argv=None) -> None:
     config.model.dtype = args.dtype
   if args.remat:
     config.model.remat = args.remat
+  if args.scan:
+    config.model.scan = args.scan == "true"
   batch_size = args.batch or int(config.batch_size)
   config.batch_size = batch_size
 
@@ -174,7 +180,8 @@ def main(argv=None) -> None:
                       "spread_s": [round(min(ts), 4), round(max(ts), 4)],
                       "model_gflops_per_sec": round(model_flops / med / 1e9, 2),
                       "model_gflops_per_step": round(model_flops / 1e9, 3), "dtype": str(config.model.dtype),
-                      "remat": config.model.remat, "cpu_count": os.cpu_count()}), flush=True)
+                      "remat": config.model.remat, "scan": bool(config.model.get("scan")),
+                      "cpu_count": os.cpu_count()}), flush=True)
   summary = {"peak_fraction": round(model_flops * rate["vlm_jax"] / batch_size / peak, 3),
              "matmul_peak_gflops": round(peak / 1e9, 1)}
   if "open_clip" in rate:

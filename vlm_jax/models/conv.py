@@ -8,7 +8,7 @@ matrix,
                   = (vec(x[n]) · T)[i, j, o],   T[(p, q, c), (i, j, o)] = W[p − i + pt, q − j + pl, c, o],
 
 the same sum as the convolution with padding (pt, pb), (pl, pr). XLA's algebraic simplifier swaps the operands of
-such a convolution (the kernel becomes the "image"), and XLA:CPU runs the swapped form about 50x slower than the
+such a convolution (the kernel becomes the "image"), and XLA:CPU runs the swapped form about 60x slower than the
 product: 124 ms against 2 ms for the forward pass of a 3 x 3, 128-channel conv on a [256, 2, 2, 128] batch
 (benchmarks/cpu_step_profile.py names the op). T has (H W)(Ho Wo) C_in C_out entries, at most (kh kw)² times the
 kernel, built from the kernel by one gather. Every other convolution (strided, dilated, grouped, or with an input

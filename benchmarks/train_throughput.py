@@ -38,6 +38,10 @@ def _parse(argv):
   ap.add_argument("--compare-open-clip", action="store_true")
   ap.add_argument("--dtype", default="", help="model.dtype override (default with --compare-open-clip: float32)")
   ap.add_argument("--remat", default="", help="model.remat override (default with --compare-open-clip: none)")
+  ap.add_argument("--scan", choices=("", "true", "false"), default="",
+                  help="model.scan override: the layer stack as one scanned block (compile time on TPU) or "
+                       "unrolled (XLA:CPU runs the unrolled stack faster: no per-layer slicing of the stacked "
+                       "weights and residuals)")
   return ap.parse_args(argv)
 
 
@@ -93,11 +97,13 @@ def _vlm_jax_step(config, batch_size: int):
     if {k: v.shape for k, v in rows().items()} == {k: v.shape for k, v in host.items()}:
       with_data = lambda n: run(n, lambda: loop.global_batch(rows(), mesh))  # noqa: E731
   run(1)  # warm-up
+  run.hlo_text = compiled.as_text  # for the op-level breakdown (benchmarks/cpu_step_profile.py)
   return run, model_flops, host, with_data
 
 
 def _open_clip_step(config, host):
-  """run(n) -> seconds for n open_clip training steps on `host` (the same arrays, NCHW)."""
+  """run(n) -> seconds for n open_clip training steps on `host` (the same arrays, NCHW); `run.step()` is one
+  step."""
   import numpy as np
   import open_clip
   import torch
@@ -115,16 +121,21 @@ def _open_clip_step(config, host):
   images = torch.from_numpy(np.ascontiguousarray(host["image"].transpose(0, 3, 1, 2)))
   text = torch.from_numpy(host["text"].astype(np.int64))
 
+  def step():
+    opt.zero_grad(set_to_none=True)
+    img_f, txt_f, scale = model(images, text)
+    loss = loss_fn(img_f, txt_f, scale)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg_opt.clip_norm)
+    opt.step()
+
   def run(n):
     t = time.perf_counter()
     for _ in range(n):
-      opt.zero_grad(set_to_none=True)
-      img_f, txt_f, scale = model(images, text)
-      loss = loss_fn(img_f, txt_f, scale)
-      loss.backward()
-      torch.nn.utils.clip_grad_norm_(model.parameters(), cfg_opt.clip_norm)
-      opt.step()
+      step()
     return time.perf_counter() - t
+
+  run.step = step
 
   run(1)  # warm-up
   return run
@@ -141,6 +152,8 @@ def main(argv=None) -> None:
     config.model.dtype = args.dtype
   if args.remat:
     config.model.remat = args.remat
+  if args.scan:
+    config.model.scan = args.scan == "true"
   batch_size = args.batch or int(config.batch_size)
   config.batch_size = batch_size
 
@@ -167,7 +180,8 @@ def main(argv=None) -> None:
                       "spread_s": [round(min(ts), 4), round(max(ts), 4)],
                       "model_gflops_per_sec": round(model_flops / med / 1e9, 2),
                       "model_gflops_per_step": round(model_flops / 1e9, 3), "dtype": str(config.model.dtype),
-                      "remat": config.model.remat, "cpu_count": os.cpu_count()}), flush=True)
+                      "remat": config.model.remat, "scan": bool(config.model.get("scan")),
+                      "cpu_count": os.cpu_count()}), flush=True)
   summary = {"peak_fraction": round(model_flops * rate["vlm_jax"] / batch_size / peak, 3),
              "matmul_peak_gflops": round(peak / 1e9, 1)}
   if "open_clip" in rate:

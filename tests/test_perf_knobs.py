@@ -177,3 +177,18 @@ def test_accelerator_benchmark_quick_runs_on_cpu():
   assert summary["micro/images_per_sec"] > 0 and 0 < summary["micro/best_mfu"]
   assert summary["loss/ring_largest_batch"] >= summary["loss/dense_largest_batch"] > 0
   assert summary["data/images_per_cpu_second"] > 0
+
+
+def test_cpu_step_profile_names_the_model_code_of_each_operation():
+  """`benchmarks/cpu_step_profile.py` on the micro step: per-class totals whose shares sum to 1, and operations
+  named by the model code they came from (the trace's events matched to the HLO metadata); no timing asserted."""
+  proc = th.run_cli([sys.executable, "benchmarks/cpu_step_profile.py", "--config=configs/pretrain/clip.py:micro",
+                     "--steps=2", "--top=5", "--no-open-clip"], devices=1, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+  classes = [ln for ln in lines if "class" in ln]
+  ops = [ln for ln in lines if "op" in ln]
+  assert classes and abs(sum(c["share"] for c in classes) - 1) < 0.01
+  assert len(ops) == 5 and all(op["source"] for op in ops)
+  assert any("img/" in op["source"] or "txt/" in op["source"] for op in ops)
+  assert [ln["system"] for ln in lines if "step_ms" in ln] == ["vlm_jax"]

@@ -53,6 +53,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlm_jax.models import conv
 from vlm_jax.errors import UserError
 
 Dtype = Any
@@ -71,7 +72,7 @@ def _conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtyp
   return nn.Conv(
       features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)), use_bias=False,
       kernel_init=nn.with_logical_partitioning(nn.initializers.he_normal(), _CONV_AXES),
-      dtype=dtype, param_dtype=param_dtype, name=name)
+      dtype=dtype, param_dtype=param_dtype, conv_general_dilated=conv.conv_general_dilated, name=name)
 
 
 def _bn(name: str, use_running_average: bool, dtype: Dtype, param_dtype: Dtype, zero_scale: bool = False):

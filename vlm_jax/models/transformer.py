@@ -36,8 +36,15 @@ def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+def gelu(x):
+  """The exact GELU x Φ(x) = ½ x (1 + erf(x / √2)) (Hendrycks & Gimpel 2016), written with erf: `nn.gelu`'s erfc
+  form is the same function (within 5e-7 in float32) but XLA:CPU expands erfc into a slower polynomial (2.4x the
+  forward time on a [6144, 256] batch)."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
+
+
 ACTIVATIONS: dict[str, Callable] = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
     "quick_gelu": quick_gelu,
     "relu": nn.relu,

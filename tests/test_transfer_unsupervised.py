@@ -205,11 +205,13 @@ def test_preflight_rules():
 # --- behaviour on the pretrained ViT fixture, the default shift task (shifted_hues: 64 classes, chance 1.6 %) ---
 
 
-def test_upl_beats_zeroshot_without_labels(pretrained_vit, tmp_path, capsys):
+def test_upl_learns_from_pseudo_labels_alone(pretrained_vit, tmp_path, capsys):
   """UPL's tiny recipe through the entry point's run at K = 16, 4 epochs instead of 10 (test time): pseudo-labels
-  from the unlabelled pool only. Measured: 605 images pseudo-labelled (13.1 % of them right: the zero-shot level,
-  confidence-based selection hardly sharpens this fixture's labels); test top-1 12.5 % after 4 epochs (76 steps),
-  13.2 % after the recipe's 10 (the benchmark's cell), zero-shot 11.9 %."""
+  from the unlabelled pool only, and a learning effect well beyond chance. UPL does not beat zero-shot on this
+  fixture: its pseudo-labels are only as accurate as zero-shot (confidence-based selection hardly sharpens them).
+  Measured: on the ViT fixture before the ResNet-convolution / GELU change, 12.5 % after 4 epochs and 13.2 % after
+  10 against zero-shot 11.9 %; on the rebuilt fixture (vit-732bf87930d9) 15.8 % after 4 epochs and 14.9 % after 10
+  against zero-shot 17.0 % (chance 1.6 %)."""
   c = th.load_config("configs/transfer/upl.py", "tiny")
   c.init.checkpoint, c.shots, c.epochs = pretrained_vit, 16, 4
   r = run_lib.transfer(c, str(tmp_path / "upl"), quiet=True)
@@ -217,7 +219,7 @@ def test_upl_beats_zeroshot_without_labels(pretrained_vit, tmp_path, capsys):
     print(f"\nUPL (no labels) {r['top1']:.4f} | zero-shot {r['zeroshot/top1']:.4f} | chance {r['chance']:.4f} | "
           f"{r['train_images']} pseudo-labelled images, {r['steps']} steps")
   assert r["labels_used"] is False and r["val_images"] == 0
-  assert r["top1"] > r["zeroshot/top1"] > r["chance"]
+  assert r["top1"] > 4 * r["chance"] and r["zeroshot/top1"] > 4 * r["chance"]
 
 
 def test_tpt_lowers_its_objective_on_the_fixture(pretrained_vit, capsys):
